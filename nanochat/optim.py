@@ -1,0 +1,271 @@
+"""
+One optimizer for the whole model: Muon for the 2-D matrices inside the transformer blocks, AdamW for
+everything else (embeddings, lm_head, scalars). The same class runs on one process and sharded across
+torchrun ranks (ZeRO-2 style), so the two can never drift apart:
+
+  1. gradients are reduce-scattered (averaged) so each rank holds the gradient of only the slice it owns
+     (rows of an AdamW tensor, or whole matrices of a Muon shape-group),
+  2. each rank updates its slice with its slice of the optimizer state,
+  3. the updated parameters are all-gathered back to every rank.
+
+With one process every communication step is skipped. Small or indivisible AdamW tensors are
+all-reduced and updated everywhere instead (their state is tiny and replicated).
+
+Muon: momentum (Nesterov), then the update is orthogonalised, i.e. replaced by the nearest
+semi-orthogonal matrix U V^T of its SVD, approximated by a few matrix polynomials (Jordan et al. 2024,
+"Muon"). Polar Express coefficients (Amsel et al. 2025) converge faster than the classic quintic
+Newton-Schulz ones; both are available.
+"""
+
+import math
+
+import torch
+import torch.distributed as dist
+
+# Per-iteration (a, b, c) for X <- a X + (b A + c A^2) X with A = X X^T.
+# Polar Express, 5 iterations, safety factor 2e-2 (values as published for nanochat/modded-nanogpt).
+POLAR_EXPRESS = [
+    (8.156554524902461, -22.48329292557795, 15.878769915207462),
+    (4.042929935166739, -2.808917465908714, 0.5000178451051316),
+    (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
+    (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
+    (2.3465413258596377, -1.7097828382687081, 0.42323551169305323),
+]
+# Keller Jordan's quintic Newton-Schulz coefficients (the original Muon), used 5 times.
+NEWTON_SCHULZ = [(3.4445, -4.7750, 2.0315)] * 5
+
+
+def orthogonalize(G, method="polar", dtype=torch.bfloat16):
+    """Approximate U V^T for a stack of matrices G (..., m, n). Works on the wide orientation so the
+    Gram matrix A is the small one."""
+    X = G.to(dtype)
+    transposed = X.size(-2) > X.size(-1)
+    if transposed:
+        X = X.mT
+    # Frobenius norm bounds the spectral norm, so all singular values start in [0, 1].
+    X = X / (X.norm(dim=(-2, -1), keepdim=True) * 1.01 + 1e-7)
+    for a, b, c in (POLAR_EXPRESS if method == "polar" else NEWTON_SCHULZ):
+        A = X @ X.mT
+        B = b * A + c * (A @ A)
+        X = a * X + B @ X
+    if transposed:
+        X = X.mT
+    return X
+
+
+class MuonAdamW(torch.optim.Optimizer):
+    """param_groups: dicts with kind="adamw" (lr, betas, eps, weight_decay) or kind="muon" (lr, momentum,
+    weight_decay; all params of one muon group share a shape). Every group may carry "names" (parameter
+    names, used by the checkpoint format). Hyperparameters can be changed between steps (schedules)."""
+
+    def __init__(self, param_groups, rank=0, world_size=1, ortho="polar", ortho_dtype=torch.bfloat16):
+        for g in param_groups:
+            if g.get("kind") not in ("adamw", "muon"):
+                raise ValueError(f"param group kind must be 'adamw' or 'muon', got {g.get('kind')!r}")
+            if g["kind"] == "muon" and len({tuple(p.shape) for p in g["params"]}) != 1:
+                raise ValueError("all parameters of a muon group must have the same shape")
+            g.setdefault("names", [f"p{id(p)}" for p in g["params"]])
+        super().__init__(param_groups, {})
+        for g in self.param_groups:
+            g.setdefault("initial_lr", g["lr"])
+        if ortho not in ("polar", "ns"):
+            raise ValueError(f"ortho must be 'polar' or 'ns', got {ortho!r}")
+        self.rank, self.world_size = rank, world_size
+        self.ortho, self.ortho_dtype = ortho, ortho_dtype
+
+    # ------------------------------------------------------------------ sharding plan
+
+    def _adamw_sharded(self, p):
+        W = self.world_size
+        return W > 1 and p.numel() >= 1024 and p.size(0) % W == 0
+
+    def _muon_slice(self, group):
+        """(padded count, [start, end) of the matrices this rank owns) for a muon group."""
+        K, W = len(group["params"]), self.world_size
+        per = math.ceil(K / W)
+        return per * W, per * self.rank, per * self.rank + per
+
+    # ------------------------------------------------------------------ the step
+
+    @torch.no_grad()
+    def step(self):
+        W = self.world_size
+        jobs = []  # (kind, group, param or None, local grad view, comm work or None, extra)
+        # Phase 1: launch every gradient reduction at once so communication overlaps.
+        for group in self.param_groups:
+            if group["kind"] == "adamw":
+                for p in group["params"]:
+                    if p.grad is None:
+                        continue
+                    g = p.grad
+                    if W == 1:
+                        jobs.append(("adamw", group, p, g, None))
+                    elif self._adamw_sharded(p):
+                        out = torch.empty((p.size(0) // W, *p.shape[1:]), dtype=g.dtype, device=g.device)
+                        work = dist.reduce_scatter_tensor(out, g.contiguous(), op=dist.ReduceOp.SUM, async_op=True)
+                        jobs.append(("adamw", group, p, out, work))
+                    else:
+                        work = dist.all_reduce(g, op=dist.ReduceOp.SUM, async_op=True)
+                        jobs.append(("adamw", group, p, g, work))
+            else:
+                params = group["params"]
+                if any(p.grad is None for p in params):
+                    continue
+                stacked = torch.stack([p.grad for p in params])
+                if W == 1:
+                    jobs.append(("muon", group, None, stacked, None))
+                else:
+                    padded, _, _ = self._muon_slice(group)
+                    if padded > len(params):
+                        stacked = torch.cat([stacked, stacked.new_zeros(padded - len(params), *stacked.shape[1:])])
+                    out = stacked.new_empty(padded // W, *stacked.shape[1:])
+                    work = dist.reduce_scatter_tensor(out, stacked, op=dist.ReduceOp.SUM, async_op=True)
+                    jobs.append(("muon", group, None, out, work))
+        # Phase 2: as each reduction lands, update the owned slice and launch its all-gather.
+        gathers = []
+        for kind, group, p, g, work in jobs:
+            if work is not None:
+                work.wait()
+                g.div_(W)
+            if kind == "adamw":
+                if W > 1 and self._adamw_sharded(p):
+                    n = p.size(0) // W
+                    own = p.data[self.rank * n:(self.rank + 1) * n]
+                    self._adamw_update(group, p, own, g)
+                    gathers.append((None, None, dist.all_gather_into_tensor(p.data, own.clone(), async_op=True)))
+                else:
+                    self._adamw_update(group, p, p.data, g)
+            else:
+                params = group["params"]
+                padded, start, end = self._muon_slice(group) if W > 1 else (len(params), 0, len(params))
+                owned = [params[i] for i in range(start, min(end, len(params)))]
+                if owned:
+                    self._muon_update(group, owned, g[:len(owned)])
+                if W > 1:
+                    local = torch.stack([q.data for q in owned]) if owned else g.new_empty(0, *g.shape[1:])
+                    if local.size(0) < end - start:  # padding slots: ship zeros, dropped on receipt
+                        local = torch.cat([local, local.new_zeros(end - start - local.size(0), *local.shape[1:])])
+                    full = local.new_empty(padded, *local.shape[1:])
+                    gathers.append((group, full, dist.all_gather_into_tensor(full, local.contiguous(), async_op=True)))
+        # Phase 3: copy gathered parameters into place.
+        for group, buf, work in gathers:
+            work.wait()
+            if group is not None:  # a muon group; AdamW rows were gathered straight into the parameter
+                for i, q in enumerate(group["params"]):
+                    q.data.copy_(buf[i])
+
+    def _adamw_update(self, group, p, data, grad):
+        """AdamW on `data` (a parameter or the owned rows of one), fp32 math whatever the storage."""
+        state = self.state[p]
+        if not state:
+            state["step"] = 0
+            state["exp_avg"] = torch.zeros_like(data, dtype=torch.float32)
+            state["exp_avg_sq"] = torch.zeros_like(data, dtype=torch.float32)
+        state["step"] += 1
+        t = state["step"]
+        beta1, beta2 = group["betas"]
+        lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
+        g = grad.float()
+        m, v = state["exp_avg"], state["exp_avg_sq"]
+        m.lerp_(g, 1 - beta1)
+        v.lerp_(g.square(), 1 - beta2)
+        # Bias-correct both moments before adding eps (upstream bug #3 applied eps to the raw v).
+        denom = (v / (1 - beta2 ** t)).sqrt_().add_(eps)
+        p32 = data.float()
+        if wd:
+            p32.mul_(1 - lr * wd)  # decoupled weight decay
+        p32.addcdiv_(m, denom, value=-lr / (1 - beta1 ** t))
+        data.copy_(p32)
+
+    def _muon_update(self, group, params, grads):
+        """Muon on a stack of same-shape matrices owned by this rank (state kept under the group's
+        first parameter, whichever matrices this rank owns)."""
+        state = self.state[group["params"][0]]
+        if "momentum_buffer" not in state:
+            state["momentum_buffer"] = torch.zeros_like(grads, dtype=torch.float32)
+        buf = state["momentum_buffer"]
+        mu, lr, wd = group["momentum"], group["lr"], group["weight_decay"]
+        g = grads.float()
+        buf.lerp_(g, 1 - mu)
+        g = g.lerp_(buf, mu)  # Nesterov: look ahead along the momentum
+        u = orthogonalize(g, self.ortho, self.ortho_dtype).float()
+        rows, cols = g.shape[-2:]
+        lr_eff = lr * max(1.0, rows / cols) ** 0.5  # tall matrices (MLP up-projection) get a larger step
+        for i, p in enumerate(params):
+            p32 = p.data.float()
+            if wd:
+                # Cautious weight decay: only where the update already shrinks the weight.
+                p32.sub_(p32 * (u[i] * p32 > 0) * (lr_eff * wd))
+            p32.sub_(u[i], alpha=lr_eff)
+            p.data.copy_(p32)
+
+    # ------------------------------------------------------------------ checkpoints (any world size)
+
+    def shard_state_dict(self):
+        """This rank's optimizer state, keyed by parameter name, with what is needed to reassemble it
+        on a different number of ranks."""
+        out = {"rank": self.rank, "world_size": self.world_size, "adamw": {}, "muon": {}}
+        for group in self.param_groups:
+            if group["kind"] == "adamw":
+                for name, p in zip(group["names"], group["params"]):
+                    st = self.state.get(p)
+                    if st:
+                        out["adamw"][name] = {"step": st["step"], "exp_avg": st["exp_avg"], "exp_avg_sq": st["exp_avg_sq"],
+                                              "sharded": self._adamw_sharded(p)}
+            else:
+                st = self.state.get(group["params"][0])
+                if st and "momentum_buffer" in st:
+                    _, start, end = self._muon_slice(group)
+                    out["muon"][group["names"][0]] = {"momentum_buffer": st["momentum_buffer"], "start": start,
+                                                      "count": len(group["params"])}
+        return out
+
+    def load_shard_state_dicts(self, shards):
+        """Rebuild this rank's state from the shards saved by every rank of a run of any size."""
+        shards = sorted(shards, key=lambda s: s["rank"])
+        saved_world = shards[0]["world_size"]
+        if len(shards) != saved_world or [s["rank"] for s in shards] != list(range(saved_world)):
+            raise ValueError(f"optimizer checkpoint is incomplete: expected shards of ranks 0..{saved_world - 1}, "
+                             f"got ranks {[s['rank'] for s in shards]}")
+        for group in self.param_groups:
+            if group["kind"] == "adamw":
+                for name, p in zip(group["names"], group["params"]):
+                    parts = [s["adamw"].get(name) for s in shards]
+                    if parts[0] is None:
+                        continue
+                    full = {}
+                    for key in ("exp_avg", "exp_avg_sq"):
+                        full[key] = torch.cat([q[key] for q in parts]) if parts[0]["sharded"] else parts[0][key]
+                    if self._adamw_sharded(p):
+                        n = p.size(0) // self.world_size
+                        full = {k: v[self.rank * n:(self.rank + 1) * n] for k, v in full.items()}
+                    self.state[p] = {"step": parts[0]["step"], **{k: v.clone().to(p.device) for k, v in full.items()}}
+            else:
+                name = group["names"][0]
+                parts = [s["muon"].get(name) for s in shards]
+                if all(q is None for q in parts):
+                    continue
+                # ranks that owned only padding slots saved nothing for this group
+                full = torch.cat([q["momentum_buffer"] for q in parts if q is not None])
+                K = len(group["params"])
+                _, start, end = self._muon_slice(group) if self.world_size > 1 else (K, 0, K)
+                own = full[start:min(end, K)]
+                self.state[group["params"][0]] = {"momentum_buffer": own.clone().to(group["params"][0].device)}
+
+
+def lr_multiplier(step, num_steps, warmup_steps, warmdown_ratio, final_lr_frac):
+    """Linear warmup over warmup_steps, flat, then linear decay to final_lr_frac over the last
+    warmdown_ratio of the run. step counts completed optimizer steps (0 = the first step)."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    warmdown = round(warmdown_ratio * num_steps)
+    start = num_steps - warmdown
+    if warmdown <= 0 or step < start:
+        return 1.0
+    progress = min(1.0, (step - start + 1) / warmdown)
+    return 1.0 - progress * (1.0 - final_lr_frac)
+
+
+def muon_momentum(step, warmup=300, start=0.85, end=0.95):
+    """Muon momentum ramps up over the first steps: low momentum while gradients change fastest."""
+    return start + (end - start) * min(1.0, step / warmup)

@@ -1,0 +1,78 @@
+"""
+CustomJSON: your own conversations from a .jsonl file, one conversation per line, either
+    [{"role": "user", "content": "..."}, {"role": "assistant", "content": "..."}, ...]
+or
+    {"messages": [ ...the same list... ]}
+with an optional leading system message, then user/assistant alternating, ending with the assistant.
+Assistant content may also be a list of parts ({"type": "text"|"python"|"python_output", "text": ...}).
+
+The whole file is checked up front: every bad line is reported with its line number and what is
+wrong, in one error, so a file can be fixed in one go instead of one crash at a time.
+"""
+
+import os
+import json
+
+from tasks.common import Task, validate_conversation
+
+MAX_LISTED_ERRORS = 20
+
+
+def parse_line(line):
+    """One line -> a conversation dict; ValueError saying why the line is not one."""
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"invalid JSON ({e.msg} at column {e.colno})")
+    if isinstance(row, dict):
+        if "messages" not in row:
+            raise ValueError("an object line needs a 'messages' list")
+        messages = row["messages"]
+    elif isinstance(row, list):
+        messages = row
+    else:
+        raise ValueError(f"expected a JSON array of messages or an object with 'messages', got {type(row).__name__}")
+    if not isinstance(messages, list):
+        raise ValueError(f"'messages' must be a list, got {type(messages).__name__}")
+    conversation = {"messages": [
+        {"role": m["role"], "content": m["content"]} if isinstance(m, dict) and "role" in m and "content" in m else m
+        for m in messages
+    ]}
+    return validate_conversation(conversation)
+
+
+class CustomJSON(Task):
+    eval_type = None  # training data
+
+    def __init__(self, filepath, **kwargs):
+        super().__init__(**kwargs)
+        if not os.path.isfile(filepath):
+            raise FileNotFoundError(f"CustomJSON: {filepath} does not exist (expected a .jsonl file of conversations)")
+        self.filepath = filepath
+        self.conversations, errors = [], []
+        with open(filepath, "rb") as f:
+            for lineno, raw in enumerate(f, 1):
+                if not raw.strip():
+                    continue
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError:
+                    errors.append(f"{filepath}:{lineno}: not valid UTF-8 text")
+                    continue
+                try:
+                    self.conversations.append(parse_line(line))
+                except ValueError as e:
+                    errors.append(f"{filepath}:{lineno}: {e}")
+        if errors:
+            listed = errors[:MAX_LISTED_ERRORS]
+            more = len(errors) - len(listed)
+            raise ValueError(f"{len(errors)} bad line(s) in {filepath}:\n" + "\n".join(listed) +
+                             (f"\n... and {more} more" if more else ""))
+        if not self.conversations:
+            raise ValueError(f"{filepath} has no conversations")
+
+    def num_examples(self):
+        return len(self.conversations)
+
+    def get_example(self, index):
+        return self.conversations[index]

@@ -1,0 +1,54 @@
+"""
+MMLU: 57-subject multiple choice (4 options). Source: HuggingFace `cais/mmlu`, config "all";
+locally eval_chat/mmlu/mmlu_{dev,test}.jsonl ({subject, question, choices, answer}).
+`subset` is "all" or one subject name (e.g. "anatomy").
+"""
+
+from nanochat.common import get_local_data_dir
+from tasks.common import Task, render_mc, load_rows, shuffled, letter_is_correct, LETTERS
+
+SPLITS = ("auxiliary_train", "validation", "dev", "test")
+LOCAL_SPLITS = ("dev", "test")
+
+
+class MMLU(Task):
+    eval_type = "categorical"
+
+    def __init__(self, subset="all", split="test", **kwargs):
+        super().__init__(**kwargs)
+        if split == "train":  # upstream once asked for "train", which does not exist
+            raise ValueError("MMLU has no 'train' split: its training split is 'auxiliary_train'")
+        if split not in SPLITS:
+            raise ValueError(f"MMLU split {split!r} is not one of {SPLITS}")
+        if get_local_data_dir() is not None and split not in LOCAL_SPLITS:
+            raise ValueError(f"MMLU split {split!r} has no local copy (NANOCHAT_LOCAL_DATA has only "
+                             f"{LOCAL_SPLITS}); unset NANOCHAT_LOCAL_DATA to download it from cais/mmlu")
+        self.subset, self.split = subset, split
+        rows = load_rows(f"eval_chat/mmlu/mmlu_{split}.jsonl", "cais/mmlu", "all", split)
+        if rows and isinstance(rows[0].get("train"), dict):
+            rows = [r["train"] for r in rows]  # auxiliary_train rows were once nested under "train"
+        if subset != "all":
+            subjects = sorted({r["subject"] for r in rows})
+            rows = [r for r in rows if r["subject"] == subset]
+            if not rows:
+                raise ValueError(f"MMLU subset {subset!r} is neither 'all' nor a subject of split "
+                                 f"{split!r}: {', '.join(subjects)}")
+        self.rows = shuffled(rows)
+
+    def num_examples(self):
+        return len(self.rows)
+
+    def get_example(self, index):
+        row = self.rows[index]
+        letters = list(LETTERS[:len(row["choices"])])
+        return {
+            "messages": [
+                {"role": "user", "content": render_mc(row["question"], letters, row["choices"])},
+                {"role": "assistant", "content": letters[row["answer"]]},
+            ],
+            "letters": letters,
+            "subject": row["subject"],
+        }
+
+    def evaluate(self, conversation, completion):
+        return letter_is_correct(conversation, completion)

@@ -1,0 +1,129 @@
+"""
+SmolTalk: general multi-turn chat for SFT. Source: HuggingFace `HuggingFaceTB/smol-smoltalk`
+(train ~460K, test ~24K conversations, already in our message format).
+
+Offline stand-in (NANOCHAT_LOCAL_DATA set): real conversations from chat_sft/, normalised to our format:
+  sharegpt/sharegpt_v3_complete_records.jsonl.gz   multi-turn ChatGPT conversations
+  lima/lima.json                                    instruction/output, some with earlier turns in "history"
+  gpteacher/roleplay-simple-deduped-roleplay-instruct.json, gpteacher/codegen-instruct.json
+  llamafactory_demo/alpaca_en_demo.json             instruction (+ input) -> output
+Not used: fastchat/dummy_conversation.json (every conversation says "I am Vicuna, trained by LMSYS",
+which would fight the Identity task), fastchat/mt_bench_question.jsonl (questions without answers),
+gpteacher/toolformer (a text tool-call syntax our engine does not run), and the remaining chat_sft
+folders (not assistant conversations: human-human chit-chat, chatterbot snippets, hh-rlhf preference
+pairs, function-call transcripts).
+Roles are mapped to user/assistant, empty messages dropped, leading assistant and trailing user
+messages trimmed; a conversation whose roles still don't alternate is dropped. About 5% of the
+conversations, chosen by a hash of the first user message (so repeated prompts land on the same
+side), form the test split.
+"""
+
+import os
+import json
+import hashlib
+import functools
+
+from tasks.common import Task, local_data_path, load_hub_parquet, read_jsonl, shuffled, validate_conversation
+
+REPO = "HuggingFaceTB/smol-smoltalk"
+SPLITS = ("train", "test")
+
+SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user",
+                  "gpt": "assistant", "chatgpt": "assistant", "bing": "assistant", "bard": "assistant"}
+
+
+def normalise(messages):
+    """[(role, content), ...] -> a valid messages list, or None when it can't be made one honestly."""
+    messages = [{"role": r, "content": c} for r, c in messages if isinstance(c, str) and c.strip()]
+    system = messages[:1] if messages and messages[0]["role"] == "system" else []
+    body = messages[len(system):]
+    while body and body[0]["role"] == "assistant":  # some records start mid-conversation
+        body = body[1:]
+    while body and body[-1]["role"] == "user":  # a question left without an answer
+        body = body[:-1]
+    conversation = {"messages": system + body}
+    try:
+        return validate_conversation(conversation)
+    except ValueError:
+        return None
+
+
+def _instruction(instruction, inp):
+    return f"{instruction}\n\n{inp}" if inp and inp.strip() else instruction
+
+
+def _sharegpt(path):
+    for row in read_jsonl(path):
+        turns = row.get("conversations") or []
+        if any(t.get("from") not in SHAREGPT_ROLES for t in turns):
+            continue
+        yield [(SHAREGPT_ROLES[t["from"]], t.get("value")) for t in turns]
+
+
+def _lima(path):
+    with open(path, encoding="utf-8") as f:
+        for row in json.load(f):
+            turns = []
+            for question, answer in row.get("history") or []:
+                turns += [("user", question), ("assistant", answer)]
+            turns += [("user", _instruction(row["instruction"], row.get("input"))), ("assistant", row["output"])]
+            yield turns
+
+
+def _instruct(path, output_key):
+    with open(path, encoding="utf-8") as f:
+        for row in json.load(f):
+            yield [("user", _instruction(row["instruction"], row.get("input"))), ("assistant", row[output_key])]
+
+
+LOCAL_SOURCES = [
+    ("chat_sft/sharegpt/sharegpt_v3_complete_records.jsonl.gz", _sharegpt),
+    ("chat_sft/lima/lima.json", _lima),
+    ("chat_sft/gpteacher/roleplay-simple-deduped-roleplay-instruct.json", lambda p: _instruct(p, "response")),
+    ("chat_sft/gpteacher/codegen-instruct.json", lambda p: _instruct(p, "response")),
+    ("chat_sft/llamafactory_demo/alpaca_en_demo.json", lambda p: _instruct(p, "output")),
+]
+
+
+def is_test(conversation):
+    first_user = next(m["content"] for m in conversation["messages"] if m["role"] == "user")
+    return hashlib.sha1(first_user.encode("utf-8")).digest()[0] < 13  # 13/256 = 5.1%
+
+
+@functools.lru_cache(maxsize=1)
+def load_local_standin():
+    """{"train": [...], "test": [...]} conversations from the local chat_sft files (parsed once per process)."""
+    splits = {"train": [], "test": []}
+    for relpath, parse in LOCAL_SOURCES:
+        path = local_data_path(relpath, f"{REPO} (offline stand-in file {os.path.basename(relpath)})")
+        for turns in parse(path):
+            conversation = normalise(turns)
+            if conversation is not None:
+                splits["test" if is_test(conversation) else "train"].append(conversation)
+    return {k: shuffled(v) for k, v in splits.items()}
+
+
+class SmolTalk(Task):
+    eval_type = None  # training data
+
+    def __init__(self, split="train", **kwargs):
+        super().__init__(**kwargs)
+        if split not in SPLITS:
+            raise ValueError(f"SmolTalk split {split!r} is not one of {SPLITS}")
+        self.split = split
+        if local_data_path("chat_sft", REPO) is not None:
+            self.conversations, self.messages = load_local_standin()[split], None
+        else:
+            # ~460K rows: keep the arrow column and convert one conversation at a time.
+            table = load_hub_parquet(REPO, "default", split)
+            self.conversations, self.messages = None, table.column("messages")
+            self.order = shuffled(list(range(len(table))))
+
+    def num_examples(self):
+        return len(self.conversations) if self.conversations is not None else len(self.order)
+
+    def get_example(self, index):
+        if self.conversations is not None:
+            return self.conversations[index]
+        messages = self.messages[self.order[index]].as_py()
+        return {"messages": [{"role": m["role"], "content": m["content"]} for m in messages]}
