@@ -33,3 +33,52 @@ def base_dir(tmp_path, monkeypatch):
     d.mkdir()
     monkeypatch.setenv("NANOCHAT_BASE_DIR", str(d))
     return d
+
+
+# -----------------------------------------------------------------------------
+# A tiny but real pipeline, built once per test session: shards imported from the real text in
+# ../shared/data/pretrain_text, a small BPE tokenizer trained on them, and a depth-2 base model trained
+# for a few dozen steps through scripts.base_train. Tests that need a model take `tiny_base` (a private
+# copy of that base dir, set as NANOCHAT_BASE_DIR) so they can write freely without affecting others.
+
+TINY_TRAIN_ARGS = ["--depth=2", "--max-seq-len=128", "--device-batch-size=8", "--total-batch-size=2048",
+                   "--num-iterations=60", "--eval-every=30", "--eval-tokens=8192", "--sample-every=-1",
+                   "--compile=off", "--warmup-steps=5"]
+
+
+def _with_base_dir(path, fn):
+    old = os.environ.get("NANOCHAT_BASE_DIR")
+    os.environ["NANOCHAT_BASE_DIR"] = str(path)
+    try:
+        return fn()
+    finally:
+        if old is None:
+            os.environ.pop("NANOCHAT_BASE_DIR", None)
+        else:
+            os.environ["NANOCHAT_BASE_DIR"] = old
+
+
+@pytest.fixture(scope="session")
+def tiny_run(shared_data, tmp_path_factory):
+    """Path of a session-wide base dir holding shards, a tokenizer (vocab 2048) and a trained d2 base
+    checkpoint (tag d2). Read-only: use `tiny_base` to get a writable copy."""
+    base = tmp_path_factory.mktemp("tiny_run")
+
+    def build():
+        from nanochat.dataset import import_local
+        from scripts import tok_train, base_train
+        import_local(shared_data / "pretrain_text", doc_chars=2000, progress=False)
+        tok_train.main(["--max-chars=3000000", "--vocab-size=2048"])
+        base_train.main(TINY_TRAIN_ARGS)
+    _with_base_dir(base, build)
+    return base
+
+
+@pytest.fixture
+def tiny_base(tiny_run, tmp_path, monkeypatch):
+    """A private, writable copy of the tiny pipeline's base dir, set as NANOCHAT_BASE_DIR."""
+    import shutil
+    dst = tmp_path / "base"
+    shutil.copytree(tiny_run, dst)
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(dst))
+    return dst
