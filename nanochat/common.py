@@ -19,6 +19,23 @@ import torch
 import torch.distributed as dist
 
 # -----------------------------------------------------------------------------
+# Errors the user can fix
+
+class UserError(Exception):
+    """A problem with the user's input, data or files, whose message says what to do. Entry points
+    print it without a traceback (see run_cli)."""
+
+
+def run_cli(main):
+    """Run a script's main(): a UserError becomes a one-line 'error: ...' on stderr and exit status 1."""
+    try:
+        return main()
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        raise SystemExit(1)
+
+
+# -----------------------------------------------------------------------------
 # Files
 
 def get_base_dir():
@@ -277,8 +294,13 @@ def measure_cpu_matmul_peak(dtype, n=1024, seconds=1.0):
     return best
 
 
+_cpu_peaks = {}
+
+
 def get_peak_flops(device_type, dtype):
-    """(peak FLOP/s per device, how it was obtained). CPU peaks are measured once and cached."""
+    """(peak FLOP/s per device, how it was obtained). GPUs: the datasheet table. CPUs: a matmul peak in
+    `dtype` measured once per process (about a second; not cached on disk, because a figure measured
+    while the machine was busy would be wrong forever)."""
     if device_type == "cuda":
         name = torch.cuda.get_device_name()
         for key, flops in GPU_PEAK_BF16_FLOPS:
@@ -286,29 +308,19 @@ def get_peak_flops(device_type, dtype):
                 return flops, f"{name}: {flops / 1e12:.0f} TFLOP/s bf16 datasheet peak"
         return float("inf"), f"{name}: unknown peak (MFU shown as 0; add it to GPU_PEAK_BF16_FLOPS)"
     if device_type == "cpu":
+        if dtype not in _cpu_peaks:
+            _cpu_peaks[dtype] = measure_cpu_matmul_peak(dtype)
+        flops = _cpu_peaks[dtype]
         dname = str(dtype).removeprefix("torch.")
-        key = f"{dname}-{torch.get_num_threads()}threads-torch{torch.__version__}"
-        cache_path = os.path.join(get_base_dir(), "cpu_peak_flops.json")
-        cache = {}
-        if os.path.exists(cache_path):
-            try:
-                with open(cache_path) as f:
-                    cache = json.load(f)
-            except (OSError, ValueError):
-                cache = {}
-        if key not in cache:
-            cache[key] = measure_cpu_matmul_peak(dtype)
-            if is_master():
-                atomic_write_json(cache_path, cache)
-        flops = cache[key]
-        return flops, f"CPU {dname} 1024x1024 matmul peak measured on this machine: {flops / 1e9:.0f} GFLOP/s ({cache_path})"
+        return flops, (f"CPU {dname} 1024x1024 matmul peak measured now on {torch.get_num_threads()} threads: "
+                       f"{flops / 1e9:.0f} GFLOP/s")
     return float("inf"), f"{device_type}: no peak known (MFU shown as 0)"
 
 
 # -----------------------------------------------------------------------------
 # Downloads
 
-class DownloadError(RuntimeError):
+class DownloadError(UserError, RuntimeError):
     pass
 
 

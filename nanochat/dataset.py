@@ -29,7 +29,7 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from nanochat.common import get_base_dir, atomic_write_json, download_file, DownloadError
+from nanochat.common import UserError, get_base_dir, atomic_write_json, download_file, DownloadError
 
 ROW_GROUP_SIZE = 1024
 DEFAULT_ENDPOINT = "https://huggingface.co"
@@ -44,7 +44,7 @@ GET_SHARDS_HINT = ("Get shards with one of:\n"
                    "  python -m nanochat.dataset import DIR         (a folder of your own .txt/.jsonl/.parquet files)")
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """A problem with the shards on disk or their sources, with a message that says what to do."""
 
 

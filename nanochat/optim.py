@@ -35,6 +35,14 @@ POLAR_EXPRESS = [
 NEWTON_SCHULZ = [(3.4445, -4.7750, 2.0315)] * 5
 
 
+# The only collectives used: all_reduce, reduce-scatter and all-gather of single tensors, async with
+# work.wait() (gloo has no get_future() for reduce-scatter). NCCL and gloo both implement all three;
+# torch 2.13 renamed the last two (*_single), older releases only know *_tensor. This is the one place
+# to switch if a backend ever lacks one.
+_reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
 def orthogonalize(G, method="polar", dtype=torch.bfloat16):
     """Approximate U V^T for a stack of matrices G (..., m, n). Works on the wide orientation so the
     Gram matrix A is the small one."""
@@ -102,7 +110,7 @@ class MuonAdamW(torch.optim.Optimizer):
                         jobs.append(("adamw", group, p, g, None))
                     elif self._adamw_sharded(p):
                         out = torch.empty((p.size(0) // W, *p.shape[1:]), dtype=g.dtype, device=g.device)
-                        work = dist.reduce_scatter_tensor(out, g.contiguous(), op=dist.ReduceOp.SUM, async_op=True)
+                        work = _reduce_scatter(out, g.contiguous(), op=dist.ReduceOp.SUM, async_op=True)
                         jobs.append(("adamw", group, p, out, work))
                     else:
                         work = dist.all_reduce(g, op=dist.ReduceOp.SUM, async_op=True)
@@ -119,7 +127,7 @@ class MuonAdamW(torch.optim.Optimizer):
                     if padded > len(params):
                         stacked = torch.cat([stacked, stacked.new_zeros(padded - len(params), *stacked.shape[1:])])
                     out = stacked.new_empty(padded // W, *stacked.shape[1:])
-                    work = dist.reduce_scatter_tensor(out, stacked, op=dist.ReduceOp.SUM, async_op=True)
+                    work = _reduce_scatter(out, stacked, op=dist.ReduceOp.SUM, async_op=True)
                     jobs.append(("muon", group, None, out, work))
         # Phase 2: as each reduction lands, update the owned slice and launch its all-gather.
         gathers = []
@@ -132,7 +140,7 @@ class MuonAdamW(torch.optim.Optimizer):
                     n = p.size(0) // W
                     own = p.data[self.rank * n:(self.rank + 1) * n]
                     self._adamw_update(group, p, own, g)
-                    gathers.append((None, None, dist.all_gather_into_tensor(p.data, own.clone(), async_op=True)))
+                    gathers.append((None, None, _all_gather(p.data, own.clone(), async_op=True)))
                 else:
                     self._adamw_update(group, p, p.data, g)
             else:
@@ -146,7 +154,7 @@ class MuonAdamW(torch.optim.Optimizer):
                     if local.size(0) < end - start:  # padding slots: ship zeros, dropped on receipt
                         local = torch.cat([local, local.new_zeros(end - start - local.size(0), *local.shape[1:])])
                     full = local.new_empty(padded, *local.shape[1:])
-                    gathers.append((group, full, dist.all_gather_into_tensor(full, local.contiguous(), async_op=True)))
+                    gathers.append((group, full, _all_gather(full, local.contiguous(), async_op=True)))
         # Phase 3: copy gathered parameters into place.
         for group, buf, work in gathers:
             work.wait()
@@ -199,6 +207,14 @@ class MuonAdamW(torch.optim.Optimizer):
             p32.sub_(u[i], alpha=lr_eff)
             p.data.copy_(p32)
 
+    # ------------------------------------------------------------------ accounting
+
+    def state_bytes(self):
+        """Bytes of optimizer state held by this rank: about 1/world_size of the single-process total,
+        plus the small replicated tensors."""
+        return sum(v.numel() * v.element_size() for st in self.state.values() for v in st.values()
+                   if torch.is_tensor(v))
+
     # ------------------------------------------------------------------ checkpoints (any world size)
 
     def shard_state_dict(self):
@@ -210,13 +226,13 @@ class MuonAdamW(torch.optim.Optimizer):
                 for name, p in zip(group["names"], group["params"]):
                     st = self.state.get(p)
                     if st:
-                        out["adamw"][name] = {"step": st["step"], "exp_avg": st["exp_avg"], "exp_avg_sq": st["exp_avg_sq"],
-                                              "sharded": self._adamw_sharded(p)}
+                        out["adamw"][name] = {"step": st["step"], "exp_avg": st["exp_avg"].clone(),
+                                              "exp_avg_sq": st["exp_avg_sq"].clone(), "sharded": self._adamw_sharded(p)}
             else:
                 st = self.state.get(group["params"][0])
                 if st and "momentum_buffer" in st:
                     _, start, end = self._muon_slice(group)
-                    out["muon"][group["names"][0]] = {"momentum_buffer": st["momentum_buffer"], "start": start,
+                    out["muon"][group["names"][0]] = {"momentum_buffer": st["momentum_buffer"].clone(), "start": start,
                                                       "count": len(group["params"])}
         return out
 

@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 from nanochat.common import (compute_init, compute_cleanup, print0, get_base_dir, get_peak_flops, init_wandb,
-                             write_report_json, git_info, GPU_PEAK_BF16_FLOPS)
+                             write_report_json, git_info, run_cli, GPU_PEAK_BF16_FLOPS)
 from nanochat.gpt import GPTConfig, GPT, build_model
 from nanochat.optim import lr_multiplier, muon_momentum
 from nanochat.checkpoint import save_checkpoint, load_checkpoint, list_steps, check_tokenizer, stage_dir, CheckpointError
@@ -219,6 +219,17 @@ def print_dry_run(args, config, plan):
     return out
 
 
+def optimizer_state_bytes(optimizer, rt):
+    """Optimizer state bytes held by each rank (a collective under torchrun): ZeRO-2 sharding makes each
+    rank's share about 1/world_size of the single-process total."""
+    mine = torch.tensor([optimizer.state_bytes()], dtype=torch.long, device=rt.device)
+    if not rt.ddp:
+        return [int(mine.item())]
+    every = [torch.zeros_like(mine) for _ in range(rt.world_size)]
+    dist.all_gather(every, mine)
+    return [int(t.item()) for t in every]
+
+
 def _interrupt(signum, frame):
     # SIGTERM (e.g. a scheduler pre-empting the job) is handled like Ctrl-C: checkpoint, then exit.
     raise KeyboardInterrupt
@@ -348,6 +359,7 @@ def main(argv=None):
 
     step = loop["step"]
     steps_this_run = 0
+    state_bytes = None
     smooth = None
     t_start = time.time()
     model.train()
@@ -406,6 +418,10 @@ def main(argv=None):
             if step == 1:
                 gc.collect()
                 gc.freeze()  # the long-lived objects are allocated now; Python's GC pauses cost ~0.5 s each
+            if steps_this_run == 1:  # the optimizer state exists from the first step on
+                state_bytes = optimizer_state_bytes(optimizer, rt)
+                print0(f"Optimizer state bytes per rank: {', '.join(f'{b:,}' for b in state_bytes)} "
+                       f"({rt.world_size} rank(s), {sum(state_bytes):,} in total)")
     except KeyboardInterrupt:
         if not rt.ddp and step > loop["step"]:
             print0(f"\nInterrupted: saving step {step} so --resume can continue from it")
@@ -427,7 +443,8 @@ def main(argv=None):
             "min_val_bpb": loop["min_val_bpb"], "tok_per_sec": tok_per_sec, "mfu": mfu, "mfu_reference": peak_reason,
             "total_training_time": loop["total_training_time"], "total_training_flops": plan["flops_per_token"] * B * N,
             "wall_time": time.time() - t_start, "dtype": str(rt.dtype).removeprefix("torch."), "device": rt.device_type,
-            "compile": use_compile, "peak_memory_bytes": peak_mem, "args": vars(args),
+            "compile": use_compile, "peak_memory_bytes": peak_mem, "optimizer_state_bytes_per_rank": state_bytes,
+            "args": vars(args),
             "losses": loop["losses"], "val_bpb_history": loop["val_bpb_history"],
         }
         path = write_report_json("base_train", report)
@@ -438,4 +455,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

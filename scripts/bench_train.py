@@ -1,0 +1,139 @@
+"""
+Training throughput and MFU of one configuration: full optimizer steps (forward, fused loss, backward,
+MuonAdamW) on random tokens, timed after warm-up (and compilation). Prints one JSON line per run.
+
+    python -m scripts.bench_train --depth=6 --max-seq-len=512 --device-batch-size=32
+    python -m scripts.bench_train --depth=6 --max-seq-len=512 --device-batch-size=32 --compare-dtypes
+
+--compare-dtypes runs bf16 then fp32 back to back in this process and prints their throughput ratio.
+The data loader is not included (base_train's logged tok/s includes it).
+"""
+
+import os
+import json
+import time
+import shutil
+import argparse
+import threading
+
+import torch
+
+from nanochat.common import compute_init, get_peak_flops, parse_dtype, autodetect_dtype, run_cli
+from nanochat.gpt import GPTConfig, build_model
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--depth", type=int, default=6, help="layers (width = 64 * depth, like base_train)")
+    p.add_argument("--aspect-ratio", type=int, default=64, help="width = depth * aspect ratio, rounded to the head dim")
+    p.add_argument("--head-dim", type=int, default=128, help="attention head size")
+    p.add_argument("--max-seq-len", type=int, default=512, help="sequence length")
+    p.add_argument("--device-batch-size", type=int, default=32, help="rows per step")
+    p.add_argument("--vocab-size", type=int, default=32768, help="vocabulary size")
+    p.add_argument("--window-pattern", type=str, default="L", help="attention window pattern")
+    p.add_argument("--steps", type=int, default=5, help="timed steps per run (the best is reported with the mean)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps first (compilation happens here)")
+    p.add_argument("--dtype", type=str, default="auto", help="compute dtype: auto, bfloat16 or float32")
+    p.add_argument("--compare-dtypes", action="store_true", help="run bfloat16 and float32 back to back and print the ratio")
+    p.add_argument("--compile", choices=["auto", "on", "off"], default="auto", help="as in base_train")
+    p.add_argument("--device-type", type=str, default="", help="cuda, mps or cpu (default: autodetect)")
+    return p.parse_args(argv)
+
+
+class PeakRSS:
+    """Samples this process's resident memory in a thread (ru_maxrss never goes down between runs)."""
+
+    def __init__(self, interval=0.02):
+        import psutil
+        self.proc, self.interval, self.peak, self._stop = psutil.Process(), interval, 0, threading.Event()
+
+    def __enter__(self):
+        self.peak = self.proc.memory_info().rss
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+        return self
+
+    def _run(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.proc.memory_info().rss)
+            time.sleep(self.interval)
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self.thread.join()
+
+
+def bench(args, rt, dtype, use_compile):
+    import math
+    width = math.ceil(args.depth * args.aspect_ratio / args.head_dim) * args.head_dim
+    config = GPTConfig(sequence_len=args.max_seq_len, vocab_size=args.vocab_size, n_layer=args.depth,
+                       n_head=width // args.head_dim, n_kv_head=width // args.head_dim, n_embd=width,
+                       window_pattern=args.window_pattern)
+    torch.manual_seed(0)
+    model = build_model(config, rt.device, dtype)
+    optimizer = model.setup_optimizer()
+    if use_compile:
+        model.compile_for_training()
+    B, T = args.device_batch_size, args.max_seq_len
+    x = torch.randint(0, args.vocab_size, (B, T), device=rt.device)
+    y = torch.randint(0, args.vocab_size, (B, T), device=rt.device)
+
+    def step():
+        loss = model(x, y)
+        loss.backward()
+        optimizer.step()
+        model.zero_grad(set_to_none=True)
+        return loss.item()  # synchronises
+
+    times = []
+    with PeakRSS() as mem:
+        t0 = time.time()
+        for _ in range(args.warmup):
+            step()
+        warmup_s = time.time() - t0
+        for _ in range(args.steps):
+            t0 = time.time()
+            step()
+            times.append(time.time() - t0)
+    peak, peak_reason = get_peak_flops(rt.device_type, dtype)
+    bf16_peak, _ = get_peak_flops(rt.device_type, torch.bfloat16)
+    mean, best = sum(times) / len(times), min(times)
+    tok_s = B * T / mean
+    fpt = model.flops_per_token()
+    peak_mem = torch.cuda.max_memory_allocated() if rt.device_type == "cuda" else mem.peak
+    result = {
+        "depth": args.depth, "width": width, "heads": width // args.head_dim, "seq_len": T, "batch": B,
+        "vocab": args.vocab_size, "dtype": str(dtype).removeprefix("torch."), "compile": use_compile,
+        "device": rt.device_type, "threads": torch.get_num_threads(), "num_params": model.num_params()["total"],
+        "flops_per_token": fpt, "step_s_mean": mean, "step_s_best": best, "tok_per_sec": tok_s,
+        "tok_per_sec_best": B * T / best, "mfu": fpt * tok_s / peak, "mfu_vs_bf16_peak": fpt * tok_s / bf16_peak,
+        "peak_flops": peak, "peak_flops_source": peak_reason, "peak_memory_gb": peak_mem / 1e9,
+        "warmup_s": warmup_s,
+    }
+    del model, optimizer
+    return result
+
+
+def main(argv=None):
+    args = get_args(argv)
+    rt = compute_init(args.device_type)
+    use_compile = args.compile == "on" or (args.compile == "auto" and (
+        rt.device_type == "cuda" or (rt.device_type == "cpu" and shutil.which(os.environ.get("CXX", "g++")))))
+    if args.compare_dtypes:
+        dtypes = [torch.bfloat16, torch.float32]
+    else:
+        dtypes = [autodetect_dtype(rt.device_type)[0] if args.dtype == "auto" else parse_dtype(args.dtype)]
+    results = []
+    for dtype in dtypes:
+        r = bench(args, rt, dtype, use_compile)
+        results.append(r)
+        print(json.dumps(r), flush=True)
+    if args.compare_dtypes:
+        ratio = results[0]["tok_per_sec"] / results[1]["tok_per_sec"]
+        print(json.dumps({"compare_dtypes": True, "bf16_tok_per_sec": results[0]["tok_per_sec"],
+                          "fp32_tok_per_sec": results[1]["tok_per_sec"], "bf16_over_fp32": ratio}), flush=True)
+    return results
+
+
+if __name__ == "__main__":
+    run_cli(main)
