@@ -99,8 +99,14 @@ def save_checkpoint(ckpt_dir, step, meta, model_state=None, optim_state=None, lo
 
 
 def _load_torch(path):
+    # mmap: a resume on M ranks has every rank read every rank's optimizer shard; mapped files share one
+    # copy in the page cache of a node instead of each rank holding a private copy of the whole state.
+    # (A filesystem that cannot mmap gets a plain read.)
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except OSError:
+            return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise CheckpointError(f"checkpoint file {path} is corrupt or truncated ({type(e).__name__}: {e}); "
                               f"delete this step's files to fall back to the previous checkpoint") from None

@@ -171,7 +171,11 @@ class DataLoader:
 
 
 def eval_batches(tokenizer, B, T, split="val", steps=1, rank=0, world_size=1, device="cpu", data_dir=None):
-    """A fresh loader over the split for evaluation: the same tokens every time it is called."""
-    loader = DataLoader(tokenizer, B, T, split, rank=rank, world_size=world_size, device=device, data_dir=data_dir)
+    """A fresh loader over the split for evaluation: the same tokens every time it is called, and the same
+    rows for any world size with the same total (steps * B * world_size rows): every row is the first
+    row of its own stream, and each rank evaluates the streams it owns. A small packing buffer keeps the
+    documents tokenized close to the documents evaluated (one stream per row)."""
+    loader = DataLoader(tokenizer, B, T, split, rows_per_step=steps * B * world_size, rank=rank,
+                        world_size=world_size, device=device, data_dir=data_dir, buffer_docs=4)
     for _ in range(steps):
         yield next(loader)

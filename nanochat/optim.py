@@ -219,21 +219,23 @@ class MuonAdamW(torch.optim.Optimizer):
 
     def shard_state_dict(self):
         """This rank's optimizer state, keyed by parameter name, with what is needed to reassemble it
-        on a different number of ranks."""
+        on a different number of ranks. Every tensor in a parameter's state is saved (rows of a sharded
+        AdamW tensor; for a Muon group, stacked along dim 0 over the matrices this rank owns), so state
+        added to the update rules later reshards without changes here."""
         out = {"rank": self.rank, "world_size": self.world_size, "adamw": {}, "muon": {}}
         for group in self.param_groups:
             if group["kind"] == "adamw":
                 for name, p in zip(group["names"], group["params"]):
                     st = self.state.get(p)
                     if st:
-                        out["adamw"][name] = {"step": st["step"], "exp_avg": st["exp_avg"].clone(),
-                                              "exp_avg_sq": st["exp_avg_sq"].clone(), "sharded": self._adamw_sharded(p)}
+                        out["adamw"][name] = {**{k: v.clone() if torch.is_tensor(v) else v for k, v in st.items()},
+                                              "sharded": self._adamw_sharded(p)}
             else:
                 st = self.state.get(group["params"][0])
-                if st and "momentum_buffer" in st:
-                    _, start, end = self._muon_slice(group)
-                    out["muon"][group["names"][0]] = {"momentum_buffer": st["momentum_buffer"].clone(), "start": start,
-                                                      "count": len(group["params"])}
+                if st:
+                    _, start, _ = self._muon_slice(group)
+                    saved = {k: v.clone() if torch.is_tensor(v) else v for k, v in st.items()}
+                    out["muon"][group["names"][0]] = {**saved, "start": start, "count": len(group["params"])}
         return out
 
     def load_shard_state_dicts(self, shards):
@@ -249,24 +251,37 @@ class MuonAdamW(torch.optim.Optimizer):
                     parts = [s["adamw"].get(name) for s in shards]
                     if parts[0] is None:
                         continue
-                    full = {}
-                    for key in ("exp_avg", "exp_avg_sq"):
-                        full[key] = torch.cat([q[key] for q in parts]) if parts[0]["sharded"] else parts[0][key]
-                    if self._adamw_sharded(p):
-                        n = p.size(0) // self.world_size
-                        full = {k: v[self.rank * n:(self.rank + 1) * n] for k, v in full.items()}
-                    self.state[p] = {"step": parts[0]["step"], **{k: v.clone().to(p.device) for k, v in full.items()}}
+                    state = {}
+                    for key, v in parts[0].items():
+                        if key == "sharded":
+                            continue
+                        if not torch.is_tensor(v):
+                            state[key] = v
+                            continue
+                        # saved sharded: rank order = row order; saved replicated: every rank has it all
+                        full = torch.cat([q[key] for q in parts]) if parts[0]["sharded"] else v
+                        if full.shape != p.shape:
+                            raise ValueError(f"optimizer state {key} of {name} has shape {tuple(full.shape)}, the "
+                                             f"parameter {tuple(p.shape)}: the checkpoint is of a different model")
+                        if self._adamw_sharded(p):
+                            n = p.size(0) // self.world_size
+                            full = full[self.rank * n:(self.rank + 1) * n]
+                        state[key] = full.clone().to(p.device)
+                    self.state[p] = state
             else:
-                name = group["names"][0]
-                parts = [s["muon"].get(name) for s in shards]
-                if all(q is None for q in parts):
-                    continue
+                name, K = group["names"][0], len(group["params"])
                 # ranks that owned only padding slots saved nothing for this group
-                full = torch.cat([q["momentum_buffer"] for q in parts if q is not None])
-                K = len(group["params"])
-                _, start, end = self._muon_slice(group) if self.world_size > 1 else (K, 0, K)
-                own = full[start:min(end, K)]
-                self.state[group["params"][0]] = {"momentum_buffer": own.clone().to(group["params"][0].device)}
+                parts = [s["muon"][name] for s in shards if name in s["muon"]]
+                if not parts:
+                    continue
+                if parts[0]["count"] != K:
+                    raise ValueError(f"optimizer state of the {name} group covers {parts[0]['count']} matrices, the "
+                                     f"model has {K}: the checkpoint is of a different model")
+                _, start, end = self._muon_slice(group)
+                first = group["params"][0]
+                self.state[first] = {key: torch.cat([q[key] for q in parts])[start:min(end, K)].clone().to(first.device)
+                                     if torch.is_tensor(v) else v
+                                     for key, v in parts[0].items() if key not in ("start", "count")}
 
 
 def lr_multiplier(step, num_steps, warmup_steps, warmdown_ratio, final_lr_frac):
