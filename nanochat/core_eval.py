@@ -1,0 +1,456 @@
+"""
+The DCLM CORE metric: 22 in-context-learning tasks scored from a base model's next-token losses,
+each reported as accuracy and as centered accuracy, and CORE = the mean centered accuracy.
+
+Where the tasks come from (the "eval bundle", as published with DCLM and nanochat):
+    core.yaml            icl_tasks: label, dataset_uri, num_fewshot [k], icl_task_type,
+                         continuation_delimiter (default a single space)
+    eval_meta_data.csv   "Eval Task" and "Random baseline" (percent) per task
+    eval_data/<category>/<file>.jsonl
+ensure_bundle() finds it: an explicit directory (--bundle-dir), else $NANOCHAT_LOCAL_DATA/eval_core,
+else the official zip downloaded once into <base dir>/eval_bundle (one process per machine, under a
+file lock, before any eval loop; the other ranks wait). Tasks whose data file is missing are left out
+of CORE by name.
+
+The three task types, for one item at index idx (few-shot examples are drawn from the rest of the
+task, see fewshot_indices; blocks are joined by a blank line):
+    multiple_choice  fields query, choices, gold. Few-shot block: query + delim + choices[gold].
+                     One prompt per choice: query + delim + choice. The scored continuation is
+                     every token after the prefix all choices share. Pick the choice with the lowest
+                     mean loss over its continuation.
+    schema           fields context_options, continuation, gold. Few-shot block:
+                     context_options[gold] + delim + continuation. One prompt per context option:
+                     option + delim + continuation. The scored span is the suffix all prompts share
+                     (the continuation). Pick the option with the lowest mean loss.
+    language_modeling fields context, continuation. Few-shot block: context.strip() + delim +
+                     continuation. Two prompts: without the continuation (then str.strip()ped) and
+                     with it; the continuation is the tokens after the first prompt. Correct iff the
+                     greedy (argmax) prediction equals the continuation at every position.
+Every prompt is tokenized with BOS prepended; the options of one item run as one batch, right-padded
+with BOS (causal attention: padding never affects earlier positions, and padded targets are ignored).
+A prompt longer than the model's context (config.sequence_len) keeps its last sequence_len tokens
+(left crop) and the scored span's indices move left by the same amount; the span itself is kept
+whole whenever it fits.
+
+Centered accuracy = (acc - b) / (1 - b) with b = random baseline / 100, so 0 is chance and 1 perfect.
+"""
+
+import os
+import csv
+import json
+import time
+import random
+import shutil
+import zipfile
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from nanochat.common import get_base_dir, get_local_data_dir, download_file, print0, is_master, DownloadError
+
+BUNDLE_URL = "https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip"
+TASK_TYPES = ("multiple_choice", "schema", "language_modeling")
+DEFAULT_DELIMITER = " "
+FEWSHOT_SEPARATOR = "\n\n"
+DATA_SHUFFLE_SEED = 1337    # order of a task's items (the first --max-per-task of it are evaluated)
+FEWSHOT_SEED = 1234         # few-shot draw for item idx uses random.Random(FEWSHOT_SEED + idx)
+
+# SQuAD is distributed raw (the SQuAD v1.1 dev json); convert_squad() turns it into a
+# language_modeling task. The template follows the bundle's SQuAD file: the passage, the question,
+# and "Answer:", with the first reference answer as the continuation (exact match, like the other
+# LM tasks). Mind the context: with 10 shots a prompt is ~2K tokens.
+SQUAD_URI = "reading_comprehension/squad.jsonl"
+SQUAD_RAW = os.path.join("raw", "squad", "dev-v1.1.json.zip")
+SQUAD_TEMPLATE = "Context: {context}\nQuestion: {question}\nAnswer:"
+
+
+# -----------------------------------------------------------------------------
+# The bundle: task definitions, baselines, data files
+
+@dataclass
+class CoreTask:
+    label: str
+    dataset_uri: str
+    num_fewshot: int
+    task_type: str
+    delimiter: str
+    baseline: float          # random-guess accuracy in percent, from eval_meta_data.csv
+    path: str | None = None  # the data file, None when it is missing
+
+
+def read_baselines(csv_path):
+    """{task label: random baseline in percent} from eval_meta_data.csv."""
+    with open(csv_path, newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    if not rows or "Eval Task" not in rows[0] or "Random baseline" not in rows[0]:
+        raise ValueError(f"{csv_path} lacks the columns 'Eval Task' and 'Random baseline'")
+    return {r["Eval Task"].strip(): float(r["Random baseline"]) for r in rows}
+
+
+def converted_dir():
+    """Where converted task files go when the bundle itself is read-only (e.g. a shared data folder)."""
+    return os.path.join(get_base_dir(), "eval_bundle_converted")
+
+
+def task_data_path(bundle_dir, dataset_uri):
+    """The task's jsonl: in the bundle, else converted into the base dir; None when neither exists."""
+    for root in (os.path.join(bundle_dir, "eval_data"), converted_dir()):
+        path = os.path.join(root, dataset_uri)
+        if os.path.isfile(path):
+            return path
+    return None
+
+
+def load_tasks(bundle_dir):
+    """The tasks of core.yaml, in its order, with baselines and resolved data paths."""
+    import yaml
+    yaml_path = os.path.join(bundle_dir, "core.yaml")
+    with open(yaml_path, encoding="utf-8") as f:
+        spec = yaml.safe_load(f)
+    if not isinstance(spec, dict) or not isinstance(spec.get("icl_tasks"), list):
+        raise ValueError(f"{yaml_path} has no 'icl_tasks' list")
+    baselines = read_baselines(os.path.join(bundle_dir, "eval_meta_data.csv"))
+    tasks = []
+    for t in spec["icl_tasks"]:
+        label = t["label"]
+        shots = t["num_fewshot"]
+        shots = shots[0] if isinstance(shots, list) else shots
+        if t["icl_task_type"] not in TASK_TYPES:
+            raise ValueError(f"{yaml_path}: task {label!r} has type {t['icl_task_type']!r}, expected one of {TASK_TYPES}")
+        if label not in baselines:
+            raise ValueError(f"{yaml_path}: task {label!r} has no random baseline in eval_meta_data.csv")
+        tasks.append(CoreTask(label, t["dataset_uri"], int(shots), t["icl_task_type"],
+                              t.get("continuation_delimiter", DEFAULT_DELIMITER), baselines[label],
+                              task_data_path(bundle_dir, t["dataset_uri"])))
+    return tasks
+
+
+def load_task_data(path):
+    """A task's items in the evaluation order (shuffled with a fixed seed, so --max-per-task is a
+    random sample and every run sees the same one)."""
+    with open(path, encoding="utf-8") as f:
+        data = [json.loads(line) for line in f if line.strip()]
+    random.Random(DATA_SHUFFLE_SEED).shuffle(data)
+    return data
+
+
+# -----------------------------------------------------------------------------
+# Getting the bundle
+
+def _barrier():
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def _is_bundle(path):
+    return os.path.isfile(os.path.join(path, "core.yaml")) and os.path.isfile(os.path.join(path, "eval_meta_data.csv"))
+
+
+def download_bundle(url, dest, progress=True):
+    """Download the bundle zip into dest's folder (resumable, retried; the zip's CRCs are checked
+    before anything is extracted) and unzip it to `dest`. The official zip holds one top folder
+    eval_bundle/; a zip with the files at its root works too."""
+    zip_path = dest + ".zip"
+    download_file(url, zip_path, progress=progress)
+    try:
+        with zipfile.ZipFile(zip_path) as zf:
+            bad = zf.testzip()
+            if bad is not None:
+                raise zipfile.BadZipFile(f"member {bad} fails its CRC check")
+            tmp = dest + ".tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            zf.extractall(tmp)  # extractall drops absolute paths and ".." components
+    except zipfile.BadZipFile as e:
+        os.remove(zip_path)  # so the next attempt downloads it afresh
+        raise DownloadError(f"{zip_path} from {url} is not a valid zip ({e}); deleted it, run again") from None
+    root = tmp
+    entries = [e for e in os.listdir(tmp) if not e.startswith("__MACOSX")]
+    if not _is_bundle(tmp) and len(entries) == 1 and _is_bundle(os.path.join(tmp, entries[0])):
+        root = os.path.join(tmp, entries[0])
+    if not _is_bundle(root):
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise DownloadError(f"{url} does not contain core.yaml and eval_meta_data.csv")
+    os.replace(root, dest)  # atomic: dest exists only once complete
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.remove(zip_path)
+    return dest
+
+
+def convert_squad(zip_path, out_path):
+    """SQuAD v1.1 dev json (zipped, as published) -> the bundle's language_modeling jsonl
+    ({"context", "continuation"} per question, SQUAD_TEMPLATE, first answer). Returns the row count."""
+    with zipfile.ZipFile(zip_path) as zf:
+        names = [n for n in zf.namelist() if n.endswith(".json")]
+        if len(names) != 1:
+            raise ValueError(f"{zip_path} should hold exactly one .json file, has {names}")
+        squad = json.loads(zf.read(names[0]).decode("utf-8"))
+    rows = []
+    for article in squad["data"]:
+        for paragraph in article["paragraphs"]:
+            for qa in paragraph["qas"]:
+                rows.append({"context": SQUAD_TEMPLATE.format(context=paragraph["context"].strip(),
+                                                              question=qa["question"].strip()),
+                             "continuation": qa["answers"][0]["text"].strip()})
+    os.makedirs(os.path.dirname(out_path), exist_ok=True)
+    tmp = out_path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        for r in rows:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    os.replace(tmp, out_path)
+    return len(rows)
+
+
+def _squad_pending(target):
+    """True if SQuAD must still be converted from the raw file shipped beside the bundle."""
+    return task_data_path(target, SQUAD_URI) is None and os.path.isfile(os.path.join(target, SQUAD_RAW))
+
+
+def ensure_bundle(bundle_dir=None, url=None, progress=True):
+    """Path of a ready eval bundle. Call it on every rank before any training or eval loop.
+
+    Order: bundle_dir, else $NANOCHAT_LOCAL_DATA/eval_core, else <base dir>/eval_bundle, downloaded
+    from `url` ($NANOCHAT_EVAL_BUNDLE_URL, default the official zip) if not there yet. One process
+    per machine (local rank 0; rank 0 on a single node) downloads and converts, holding a file lock
+    so concurrent jobs sharing a disk never race. The others wait for the lock and the finished
+    bundle by polling the disk rather than in a collective, because a slow download must not trip
+    the process group's timeout (upstream #554 lost whole multi-GPU runs that way); a final barrier
+    lines the ranks up. If the downloading process fails, torchrun stops the others."""
+    from filelock import FileLock
+    if bundle_dir is None and get_local_data_dir() is not None:
+        bundle_dir = os.path.join(get_local_data_dir(), "eval_core")
+        if not _is_bundle(bundle_dir):
+            raise SystemExit(f"NANOCHAT_LOCAL_DATA is set but {bundle_dir} has no core.yaml and eval_meta_data.csv; "
+                             f"put the eval bundle there, pass --bundle-dir, or unset NANOCHAT_LOCAL_DATA to download it")
+    if bundle_dir is not None and not _is_bundle(bundle_dir):
+        raise SystemExit(f"--bundle-dir {bundle_dir}: no core.yaml and eval_meta_data.csv there "
+                         f"(expected an unzipped CORE eval bundle)")
+    target = bundle_dir or os.path.join(get_base_dir(), "eval_bundle")
+    lock = FileLock(os.path.join(get_base_dir(), "eval_bundle.lock"))
+    if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+        with lock:
+            if not _is_bundle(target):
+                url = url or os.environ.get("NANOCHAT_EVAL_BUNDLE_URL") or BUNDLE_URL
+                print0(f"Downloading the CORE eval bundle from {url} to {target}")
+                try:
+                    download_bundle(url, target, progress=progress and is_master())
+                except DownloadError as e:
+                    raise SystemExit(f"could not get the CORE eval bundle: {e}. Pass --bundle-dir to an "
+                                     f"unzipped copy, or set NANOCHAT_LOCAL_DATA.") from None
+            if _squad_pending(target):
+                out = os.path.join(converted_dir(), SQUAD_URI)
+                n = convert_squad(os.path.join(target, SQUAD_RAW), out)
+                print0(f"Converted {os.path.join(target, SQUAD_RAW)} into {out} ({n:,} questions)")
+    else:
+        while True:
+            with lock:
+                if _is_bundle(target) and not _squad_pending(target):
+                    break
+            time.sleep(1.0)
+    _barrier()
+    return target
+
+
+# -----------------------------------------------------------------------------
+# Prompts
+
+def fewshot_indices(idx, n, k):
+    """k distinct indices in range(n), never idx, drawn by random.Random(FEWSHOT_SEED + idx).
+    Sampling range(n - 1) and skipping over idx keeps this O(k) even for 20K-item tasks."""
+    if k <= 0:
+        return []
+    if k > n - 1:
+        raise ValueError(f"cannot draw {k} few-shot examples from a task of {n} items (the item itself is excluded)")
+    picks = random.Random(FEWSHOT_SEED + idx).sample(range(n - 1), k)
+    return [j + 1 if j >= idx else j for j in picks]
+
+
+def render_prompts(task_type, item, fewshot, delimiter):
+    """The prompt strings of one item: one per choice / context option, or [without, with] the
+    continuation for language modeling. `fewshot` is a list of items of the same task."""
+    if task_type == "multiple_choice":
+        shots = [f"{ex['query']}{delimiter}{ex['choices'][ex['gold']]}" for ex in fewshot]
+        return [FEWSHOT_SEPARATOR.join(shots + [f"{item['query']}{delimiter}{choice}"]) for choice in item["choices"]]
+    if task_type == "schema":
+        shots = [f"{ex['context_options'][ex['gold']]}{delimiter}{ex['continuation']}" for ex in fewshot]
+        return [FEWSHOT_SEPARATOR.join(shots + [f"{option}{delimiter}{item['continuation']}"])
+                for option in item["context_options"]]
+    if task_type == "language_modeling":
+        shots = [f"{ex['context'].strip()}{delimiter}{ex['continuation']}" for ex in fewshot]
+        without = FEWSHOT_SEPARATOR.join(shots + [f"{item['context'].strip()}{delimiter}"]).strip()
+        with_cont = FEWSHOT_SEPARATOR.join(shots + [f"{item['context'].strip()}{delimiter}{item['continuation']}"])
+        return [without, with_cont]
+    raise ValueError(f"unknown task type {task_type!r}: expected one of {TASK_TYPES}")
+
+
+def _common_prefix_len(seqs):
+    n = min(len(s) for s in seqs)
+    for i in range(n):
+        if any(s[i] != seqs[0][i] for s in seqs[1:]):
+            return i
+    return n
+
+
+def _common_suffix_len(seqs):
+    return _common_prefix_len([s[::-1] for s in seqs])
+
+
+def tokenize_prompts(tokenizer, task_type, prompts):
+    """(rows of token ids, [(start, end)] scored span per row). Every row starts with BOS; every span
+    holds at least one token and never includes position 0 (it needs a position that predicts it)."""
+    bos = tokenizer.get_bos_token_id()
+    ids = tokenizer.encode(prompts, prepend=bos)
+    if task_type == "multiple_choice":
+        # Identical or nested choices would leave an empty span: keep at least the last token.
+        start = min(_common_prefix_len(ids), min(len(s) for s in ids) - 1) if len(ids) > 1 else 1
+        start = max(start, 1)
+        return ids, [(start, len(s)) for s in ids]
+    if task_type == "schema":
+        suffix = min(_common_suffix_len(ids), min(len(s) for s in ids) - 1) if len(ids) > 1 else len(ids[0]) - 1
+        suffix = max(suffix, 1)
+        return ids, [(len(s) - suffix, len(s)) for s in ids]
+    if task_type == "language_modeling":
+        without, with_cont = ids
+        # The stripped prompt is normally a token prefix of the full one; if a merge crosses the
+        # boundary, the span starts where the two first differ.
+        start = max(1, min(_common_prefix_len([without, with_cont]), len(with_cont) - 1))
+        return [with_cont], [(start, len(with_cont))]
+    raise ValueError(f"unknown task type {task_type!r}: expected one of {TASK_TYPES}")
+
+
+def crop_left(rows, spans, max_len):
+    """Keep each row's last max_len tokens and shift its span to match (see the module docstring)."""
+    out_rows, out_spans = [], []
+    for row, (s, e) in zip(rows, spans):
+        cut = max(0, len(row) - max_len)
+        out_rows.append(row[cut:])
+        out_spans.append((max(1, s - cut), e - cut))
+    return out_rows, out_spans
+
+
+# -----------------------------------------------------------------------------
+# Scoring
+
+def _batch(rows, pad_id, device):
+    """Right-pad rows with pad_id -> (ids, targets); targets are ids shifted left, -1 past each row."""
+    T = max(len(r) for r in rows)
+    ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
+    targets = torch.full((len(rows), T), -1, dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, :len(r)] = torch.tensor(r, dtype=torch.long)
+        targets[i, :len(r) - 1] = ids[i, 1:len(r)]
+    return ids.to(device), targets.to(device)
+
+
+@torch.no_grad()
+def evaluate_example(model, tokenizer, data, idx, task, device, max_len=None):
+    """Score item data[idx] of `task` -> (correct, details). details: prompts, spans and, for
+    multiple_choice/schema, the mean continuation loss of every option and the chosen option."""
+    item = data[idx]
+    fewshot = [data[j] for j in fewshot_indices(idx, len(data), task.num_fewshot)]
+    prompts = render_prompts(task.task_type, item, fewshot, task.delimiter)
+    rows, spans = tokenize_prompts(tokenizer, task.task_type, prompts)
+    max_len = max_len or model.config.sequence_len
+    rows, spans = crop_left(rows, spans, max_len)
+    ids, targets = _batch(rows, tokenizer.get_bos_token_id(), device)
+    details = {"prompts": prompts, "spans": spans}
+    if task.task_type == "language_modeling":
+        logits = model(ids)  # (1, T, V); the prediction for token t sits at position t - 1
+        s, e = spans[0]
+        predicted = logits[0, s - 1:e - 1].argmax(dim=-1)
+        correct = bool(torch.equal(predicted, ids[0, s:e]))
+        details["predicted"] = predicted.tolist()
+        return correct, details
+    losses = model(ids, targets, loss_reduction="none").float()  # (B, T): loss of predicting token t+1 at t
+    mean_losses = [losses[i, s - 1:e - 1].mean().item() for i, (s, e) in enumerate(spans)]
+    chosen = min(range(len(mean_losses)), key=mean_losses.__getitem__)
+    details.update(mean_losses=mean_losses, chosen=chosen)
+    return chosen == item["gold"], details
+
+
+def evaluate_task(model, tokenizer, task, device, max_per_task=-1, rank=0, world_size=1, progress=True):
+    """Accuracy of the model on one task (items strided across ranks, correctness summed across them)."""
+    from tqdm import tqdm
+    data = load_task_data(task.path)
+    n = len(data) if max_per_task is None or max_per_task < 0 else min(max_per_task, len(data))
+    correct = torch.zeros(n, dtype=torch.float32, device=device)
+    for idx in tqdm(range(rank, n, world_size), desc=task.label, disable=not (progress and rank == 0),
+                    leave=False, dynamic_ncols=True):
+        # Few-shot examples come from the whole task, so an item's prompt does not depend on n.
+        ok, _ = evaluate_example(model, tokenizer, data, idx, task, device)
+        correct[idx] = float(ok)
+    if world_size > 1 and dist.is_initialized():
+        dist.barrier()
+        dist.all_reduce(correct, op=dist.ReduceOp.SUM)
+    return correct.mean().item() if n else float("nan"), n
+
+
+# -----------------------------------------------------------------------------
+# Aggregation
+
+def centered_accuracy(accuracy, baseline_percent):
+    """0 = random guessing, 1 = perfect: (acc - b) / (1 - b) with b = baseline_percent / 100."""
+    b = baseline_percent / 100.0
+    return (accuracy - b) / (1.0 - b)
+
+
+def core_summary(accuracies, tasks):
+    """Aggregate per-task accuracies ({label: acc}) over `tasks`: centered accuracies, CORE (their
+    mean over the tasks that have a result), and which tasks were used and missing."""
+    centered = {t.label: centered_accuracy(accuracies[t.label], t.baseline) for t in tasks if t.label in accuracies}
+    missing = [t.label for t in tasks if t.label not in accuracies]
+    core = sum(centered.values()) / len(centered) if centered else float("nan")
+    return {"accuracy": {k: accuracies[k] for k in centered}, "centered": centered, "core": core,
+            "tasks_used": len(centered), "tasks_total": len(tasks), "missing": missing}
+
+
+def evaluate_core(model, tokenizer, tasks, device, max_per_task=-1, rank=0, world_size=1, progress=True, log=print0):
+    """Run every task that has data and aggregate: core_summary(...) plus items and seconds per task.
+    The entry point for scripts (base_eval, CORE during training); call ensure_bundle() first."""
+    accuracies, items, seconds = {}, {}, {}
+    for task in tasks:
+        if task.path is None:
+            continue
+        t0 = time.time()
+        acc, n = evaluate_task(model, tokenizer, task, device, max_per_task, rank, world_size, progress)
+        accuracies[task.label], items[task.label], seconds[task.label] = acc, n, time.time() - t0
+        if log:
+            log(f"{task.label:<35} accuracy {acc:.4f} | centered {centered_accuracy(acc, task.baseline):+.4f} | "
+                f"{n:>6,} items | {seconds[task.label]:.1f}s")
+    summary = core_summary(accuracies, tasks)
+    summary.update(items=items, seconds=seconds)
+    return summary
+
+
+def write_results_csv(path, summary):
+    """The per-task table (Task, Accuracy, Centered, and a final CORE row), padded like DCLM's."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    lines = [f"{'Task':<35}, {'Accuracy':<10}, {'Centered':<10}"]
+    for label, c in summary["centered"].items():
+        lines.append(f"{label:<35}, {summary['accuracy'][label]:<10.6f}, {c:<10.6f}")
+    lines.append(f"{'CORE':<35}, {'':<10}, {summary['core']:<10.6f}")
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def read_results_csv(path):
+    """Read a Task/Accuracy/Centered table (ours or the published reference results) ->
+    ({label: (accuracy or None, centered)}, core or None)."""
+    rows, core = {}, None
+    with open(path, encoding="utf-8") as f:
+        reader = csv.reader(f)
+        header = [h.strip() for h in next(reader)]
+        if header[:3] != ["Task", "Accuracy", "Centered"]:
+            raise ValueError(f"{path}: expected the header Task, Accuracy, Centered; got {header}")
+        for rec in reader:
+            rec = [c.strip() for c in rec]
+            if not rec or not rec[0]:
+                continue
+            if rec[0] == "CORE":
+                core = float(rec[2])
+                continue
+            rows[rec[0]] = (float(rec[1]) if rec[1] else None, float(rec[2]))
+    return rows, core
