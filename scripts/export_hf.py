@@ -1,0 +1,103 @@
+"""
+Export a checkpoint as a HuggingFace transformers model directory, and prove it.
+
+    python -m scripts.export_hf --source sft --out exports/nanochat-d20-sft
+    python -m scripts.export_hf --source base --model-tag d4 --step 2000 --out /tmp/d4 --compare-hf
+    python -m scripts.export_hf --source base --out /tmp/d2 --modeling builtin   # refuse rather than ship code
+
+Writes config.json, model.safetensors, generation_config.json, the tokenizer (tokenizer.json,
+tokenizer_config.json, chat_template.jinja) and a model card README.md with the run's metrics from
+report/*.json. A model that transformers' built-in `nanochat` type represents exactly (trained with
+--no-value-embeds --no-resid-scalars --window-pattern L) is exported as that type; any other ships its
+own modeling code (modeling_nanochat_ext.py, loaded with trust_remote_code=True) and says so, unless
+--modeling builtin asks to refuse instead.
+
+Verification (on unless --no-verify) loads the export with stock transformers and checks fp32 logits
+(max abs difference <= 1e-4 on >= 8 prompts), 32 greedy tokens, generate() against our engine,
+token ids on held-out text (special-token text included) and the chat template against
+render_conversation. The export is written to <out>.partial and only moved to <out> once it has
+passed; a failing one is kept at <out>.rejected for inspection and the command exits with status 1.
+Held-out text comes from the validation shard and, when set, $NANOCHAT_LOCAL_DATA (or --local-data).
+
+Load it back into nanochat with any script's --source <out> (chat_cli, bench_infer, ...).
+"""
+
+import os
+import json
+import shutil
+import argparse
+
+import torch
+
+from nanochat.common import print0, get_local_data_dir, run_cli
+from nanochat.checkpoint import load_model, resolve_checkpoint, STAGE_DIRS
+from nanochat import export
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--source", choices=list(STAGE_DIRS), default="sft", help="checkpoint stage to export (default sft)")
+    p.add_argument("--model-tag", default=None, help="checkpoint tag (default: the only one there)")
+    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
+    p.add_argument("--out", required=True, help="export directory to create")
+    p.add_argument("--force", action="store_true", help="replace --out if it already exists")
+    p.add_argument("--modeling", choices=["auto", "builtin", "custom"], default="auto",
+                   help="auto: transformers' built-in nanochat type when it represents the model exactly, else "
+                        "ship our modeling code; builtin: refuse unless the built-in type fits; custom: always "
+                        "ship our modeling code (default auto)")
+    p.add_argument("--no-verify", action="store_true", help="skip loading the export back with transformers and "
+                                                             "comparing it (not recommended)")
+    p.add_argument("--compare-hf", action="store_true", help="after exporting, measure greedy decode speed at batch 1 "
+                                                            "of our engine vs transformers' generate on the same weights")
+    p.add_argument("--local-data", default=None, help="folder laid out like shared/data for held-out verification "
+                                                      "text (default $NANOCHAT_LOCAL_DATA)")
+    p.add_argument("--device-type", default="cpu", help="device our model runs on during verification; "
+                                                         "transformers runs on the CPU (default cpu)")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = get_args(argv)
+    out = os.path.abspath(args.out)
+    if os.path.exists(out) and not args.force:
+        raise export.ExportError(f"--out {out} already exists: choose another directory or pass --force to replace it")
+    ckpt_dir, step = resolve_checkpoint(args.source, args.model_tag, args.step)
+    tag = os.path.basename(ckpt_dir)
+    model, tokenizer, meta = load_model(args.source, torch.device(args.device_type), phase="eval", model_tag=tag,
+                                        step=step, compute_dtype=torch.float32)
+    partial, rejected = out + ".partial", out + ".rejected"
+    shutil.rmtree(partial, ignore_errors=True)
+    info = export.export_model(model, tokenizer, partial, modeling=args.modeling, source=args.source,
+                               model_tag=tag, step=step, meta=meta,
+                               lineage=export.checkpoint_lineage(args.source, tag, step, meta))
+    kind = ("transformers' built-in 'nanochat' type (no trust_remote_code)" if info["model_type"] == export.BUILTIN_TYPE
+            else "custom modeling code modeling_nanochat_ext.py (load with trust_remote_code=True); the built-in "
+                 "type lacks: " + "; ".join(export.builtin_missing_features(model.config) or ["nothing (--modeling custom)"]))
+    print0(f"Exported {args.source}/{tag} step {step} as {kind}")
+    if not args.no_verify:
+        texts = export.heldout_texts(args.local_data or get_local_data_dir())
+        try:
+            verification = export.verify_export(partial, model, tokenizer, texts=texts)
+        except export.VerificationError as e:
+            shutil.rmtree(rejected, ignore_errors=True)
+            os.replace(partial, rejected)
+            raise export.VerificationError(f"{e}\nThe rejected export is kept at {rejected} for inspection.") from None
+        info = export.record_verification(partial, info, verification)
+        print0(f"Verified: max abs logit difference {verification['max_logit_diff']:.2e} on "
+               f"{verification['num_prompts']} prompts (tolerance {verification['atol']:g}); greedy "
+               f"{verification['greedy_tokens']} tokens identical; tokenizer identical on {verification['num_texts']} "
+               f"texts; chat template identical on {verification['num_conversations']} conversations")
+    if os.path.exists(out):
+        shutil.rmtree(out)
+    os.replace(partial, out)
+    print0(f"Wrote {out}: " + ", ".join(sorted(os.listdir(out))))
+    result = {"out": out, "model_type": info["model_type"], "source": args.source, "model_tag": tag, "step": step,
+              "verification": info.get("verification")}
+    if args.compare_hf:
+        result["speed"] = export.measure_generate_speed(model, tokenizer, out)
+    print0(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    run_cli(main)
