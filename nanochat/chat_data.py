@@ -1,0 +1,219 @@
+"""
+Batches of conversations for midtraining, SFT and RL: rendered once through
+tokenizer.render_conversation (the one definition of the chat format and its loss mask), turned into
+(inputs, targets) rows where every target the model must not learn is -1.
+
+Which targets carry loss: a target is the next token, so position i's target is ids[i+1] and it is
+kept only where mask[i+1] == 1, i.e. assistant text, its python tool calls and <|assistant_end|>.
+User turns, <|bos|>, <|assistant_start|>, tool output and padding are all -1.
+
+Two batchers with the same interface (next_step() -> (micro-batches of this rank, stats of this rank),
+state_dict(), resume_state=):
+
+PackedBatcher (midtraining) packs whole conversations into rows of T+1 tokens, BOS-aligned best fit:
+  each row starts with a conversation (which starts with <|bos|>) and repeatedly takes the largest
+  buffered conversation that still fits entirely; when none fits, the rest of the row is padding
+  (<|bos|> inputs, -1 targets). A conversation is never cropped to fill a row (upstream bug #11);
+  only one longer than a whole row is truncated to T+1 tokens, and counted. Like
+  nanochat/dataloader.py, rows come from R independent streams (R = rows per optimizer step); stream
+  j takes conversations j, j+R, j+2R, ... of the (shuffled) mixture, so a step's global batch does not
+  depend on the number of ranks, and rank r of W builds only its own streams' rows.
+
+PaddedBatcher (SFT) puts one conversation per row, as at inference, padded to the longest row of the
+  micro-batch (or to T+1 when a fixed shape is wanted, e.g. under torch.compile). Step s uses
+  conversations [s*R, (s+1)*R) of the mixture; rank r takes its contiguous share of them.
+
+State is tiny (indices and counters, never token lists): resuming re-renders the few buffered
+conversations, which is deterministic, and a state saved by N ranks resumes on M.
+"""
+
+import torch
+
+# -----------------------------------------------------------------------------
+# Rows
+
+
+def render_row(tokenizer, conversation, capacity):
+    """(ids, mask, truncated): the rendered conversation, cut to `capacity` tokens if longer."""
+    ids, mask = tokenizer.render_conversation(conversation)
+    if len(ids) > capacity:
+        return ids[:capacity], mask[:capacity], True
+    return ids, mask, False
+
+
+def rows_to_batch(rows, pad_id, length=None, device="cpu"):
+    """rows: [(ids, mask)] of any lengths >= 2 -> (inputs, targets), both (len(rows), L - 1) long
+    tensors with L = `length` or the longest row. targets[i] = ids[i+1] where mask[i+1] else -1;
+    padding (inputs pad_id) has target -1."""
+    L = length or max(len(ids) for ids, _ in rows)
+    ids_t = torch.full((len(rows), L), pad_id, dtype=torch.long)
+    keep = torch.zeros((len(rows), L), dtype=torch.bool)
+    for r, (ids, mask) in enumerate(rows):
+        if len(ids) > L:
+            raise ValueError(f"row {r} has {len(ids)} tokens, more than the batch length {L}")
+        ids_t[r, :len(ids)] = torch.tensor(ids, dtype=torch.long)
+        keep[r, :len(mask)] = torch.tensor(mask, dtype=torch.bool)
+    inputs = ids_t[:, :-1]
+    targets = torch.where(keep[:, 1:], ids_t[:, 1:], torch.full_like(ids_t[:, 1:], -1))
+    device = torch.device(device)
+    if device.type == "cuda":  # pinned host memory only exists with CUDA (upstream bug #25)
+        return (inputs.pin_memory().to(device, non_blocking=True),
+                targets.pin_memory().to(device, non_blocking=True))
+    return inputs.contiguous().to(device), targets.contiguous().to(device)
+
+
+def new_stats():
+    """Counters a batcher reports per step (summed across ranks by the training loop): conversations
+    taken from the mixture, how many were truncated, rows built, their tokens, of which padding."""
+    return {"conversations": 0, "truncated": 0, "rows": 0, "row_tokens": 0, "pad_tokens": 0}
+
+
+def _check_batch(B, world_size, rows_per_step):
+    R = rows_per_step or B * world_size
+    if B < 1 or R % (B * world_size):
+        raise ValueError(f"rows per step ({R}) must be a multiple of device batch {B} x world size {world_size}; "
+                         f"pick a --device-batch-size that divides {R // max(world_size, 1)}")
+    return R
+
+
+# -----------------------------------------------------------------------------
+# Midtraining: best-fit packing, BOS-aligned, padded instead of cropped
+
+
+class PackedBatcher:
+    """Yields each optimizer step's micro-batches of (inputs, targets), shape (B, T), for this rank."""
+
+    def __init__(self, dataset, tokenizer, B, T, rows_per_step=None, rank=0, world_size=1, device="cpu",
+                 buffer_size=16, resume_state=None):
+        if len(dataset) == 0:
+            raise ValueError("PackedBatcher: the conversation mixture is empty")
+        self.R = _check_batch(B, world_size, rows_per_step)
+        self.dataset, self.tok, self.B, self.T = dataset, tokenizer, B, T
+        self.device, self.buffer_size = device, buffer_size
+        self.N = len(dataset)
+        self.bos = tokenizer.get_bos_token_id()
+        per_rank = self.R // world_size
+        self.streams = list(range(rank * per_rank, (rank + 1) * per_rank))
+        self.next = {j: j for j in self.streams}       # next mixture index (any epoch) stream j takes
+        self.buffer = {j: [] for j in self.streams}    # mixture indices taken but not yet packed
+        self._rendered = {}                            # mixture index -> (ids, mask), buffered ones only
+        if resume_state is not None:
+            self._load(resume_state)
+
+    def _take(self, g, stats):
+        ids, mask, truncated = render_row(self.tok, self.dataset[g % self.N], self.T + 1)
+        self._rendered[g] = (ids, mask)
+        stats["conversations"] += 1
+        stats["truncated"] += int(truncated)
+
+    def _row(self, j, stats):
+        cap = self.T + 1
+        ids, mask = [], []
+        buf = self.buffer[j]
+        while True:
+            while len(buf) < self.buffer_size:  # keep the buffer full so best fit has a choice
+                g = self.next[j]
+                self._take(g, stats)
+                buf.append(g)
+                self.next[j] = g + self.R
+            room = cap - len(ids)
+            best = None
+            for g in buf:
+                n = len(self._rendered[g][0])
+                if n <= room and (best is None or n > len(self._rendered[best][0])):
+                    best = g
+            if best is None:
+                break
+            buf.remove(best)
+            a, m = self._rendered.pop(best)
+            ids += a
+            mask += m
+        stats["rows"] += 1
+        stats["row_tokens"] += cap
+        stats["pad_tokens"] += cap - len(ids)
+        return ids + [self.bos] * (cap - len(ids)), mask + [0] * (cap - len(mask))
+
+    def next_step(self):
+        """([(inputs, targets)] for each micro-batch of this rank in the next step, stats)."""
+        stats = new_stats()
+        batches = []
+        for a in range(0, len(self.streams), self.B):
+            rows = [self._row(j, stats) for j in self.streams[a:a + self.B]]
+            batches.append(rows_to_batch(rows, self.bos, self.T + 1, self.device))
+        return batches, stats
+
+    def state_dict(self):
+        return {"kind": "packed", "R": self.R, "T": self.T, "N": self.N,
+                "streams": {j: {"next": self.next[j], "buffer": list(self.buffer[j])} for j in self.streams}}
+
+    def _load(self, states):
+        """Take this rank's streams from the states saved by every rank of a run of any world size."""
+        merged = {}
+        for st in states if isinstance(states, list) else [states]:
+            if (st.get("kind"), st["R"], st["T"], st["N"]) != ("packed", self.R, self.T, self.N):
+                raise ValueError(f"cannot resume the packed batcher: saved with {st['R']} rows of {st['T']}+1 tokens "
+                                 f"over {st['N']} conversations, now {self.R} rows of {self.T}+1 over {self.N}; "
+                                 f"keep --total-batch-size, --max-seq-len and the mixture flags")
+            merged.update({int(j): s for j, s in st["streams"].items()})
+        missing = [j for j in self.streams if j not in merged]
+        if missing:
+            raise ValueError(f"packed batcher state lacks streams {missing[:5]}: pass every rank's loader state")
+        scratch = new_stats()
+        for j in self.streams:
+            self.next[j] = merged[j]["next"]
+            self.buffer[j] = list(merged[j]["buffer"])
+            for g in self.buffer[j]:
+                self._take(g, scratch)  # re-render only; these were counted when first taken
+
+
+# -----------------------------------------------------------------------------
+# SFT: one conversation per row, padded
+
+
+class PaddedBatcher:
+    """Yields each optimizer step's micro-batches of (inputs, targets) for this rank, one conversation
+    per row. Rows are at most T+1 tokens (longer conversations are truncated and counted); inputs are
+    as wide as the longest row of the micro-batch minus one, or exactly T with fixed_length=True."""
+
+    def __init__(self, dataset, tokenizer, B, T, rows_per_step=None, rank=0, world_size=1, device="cpu",
+                 fixed_length=False, resume_state=None):
+        if len(dataset) == 0:
+            raise ValueError("PaddedBatcher: the conversation mixture is empty")
+        self.R = _check_batch(B, world_size, rows_per_step)
+        self.dataset, self.tok, self.B, self.T = dataset, tokenizer, B, T
+        self.device, self.fixed_length = device, fixed_length
+        self.N = len(dataset)
+        self.bos = tokenizer.get_bos_token_id()
+        per_rank = self.R // world_size
+        self.mine = range(rank * per_rank, (rank + 1) * per_rank)  # offsets within each step's R rows
+        self.next = 0  # mixture index (any epoch) of the next step's first row
+        if resume_state is not None:
+            states = resume_state if isinstance(resume_state, list) else [resume_state]
+            st = states[0]
+            if (st.get("kind"), st["R"], st["T"], st["N"]) != ("padded", self.R, self.T, self.N):
+                raise ValueError(f"cannot resume the padded batcher: saved with {st['R']} rows per step of at most "
+                                 f"{st['T']}+1 tokens over {st['N']} conversations, now {self.R}, {self.T}, {self.N}; "
+                                 f"keep --total-batch-size, --max-seq-len and the mixture flags")
+            self.next = st["next"]
+
+    def next_step(self):
+        stats = new_stats()
+        batches = []
+        offsets = list(self.mine)
+        for a in range(0, len(offsets), self.B):
+            rows = []
+            for k in offsets[a:a + self.B]:
+                ids, mask, truncated = render_row(self.tok, self.dataset[(self.next + k) % self.N], self.T + 1)
+                rows.append((ids, mask))
+                stats["conversations"] += 1
+                stats["truncated"] += int(truncated)
+            L = self.T + 1 if self.fixed_length else max(len(ids) for ids, _ in rows)
+            stats["rows"] += len(rows)
+            stats["row_tokens"] += L * len(rows)
+            stats["pad_tokens"] += sum(L - len(ids) for ids, _ in rows)
+            batches.append(rows_to_batch(rows, self.bos, L, self.device))
+        self.next += self.R
+        return batches, stats
+
+    def state_dict(self):
+        return {"kind": "padded", "R": self.R, "T": self.T, "N": self.N, "next": self.next}

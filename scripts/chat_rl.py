@@ -1,0 +1,326 @@
+"""
+Reinforcement learning on problems with checkable answers (GSM8K by default, or SpellingBee letter
+counting, which a tiny model can actually learn): "GRPO" simplified to on-policy REINFORCE with a
+group-mean baseline.
+
+    python -m scripts.chat_rl                                   # from the SFT checkpoint, GSM8K, one epoch
+    python -m scripts.chat_rl --task=spellingbee --num-iterations=50 --examples-per-step=8 --num-samples=8
+    torchrun --standalone --nproc_per_node=8 -m scripts.chat_rl -- --model-tag=d20
+    python -m scripts.chat_rl --resume
+
+Each step, for each of --examples-per-step training problems (strided across ranks), the Engine samples
+--num-samples replies (the python tool runs as at inference; its forced output tokens are not trained).
+Reward = 1 if the reply's final answer is right, else 0; advantage = reward - the mean reward of that
+problem's samples (no division by the std). The loss is sum over sampled tokens of advantage x
+cross-entropy, divided by the number of sampled tokens in the whole step (token-level normalisation):
+its gradient is the policy gradient. On-policy (one update per batch of samples), no KL penalty, no
+ratio clipping. LR decays linearly to 0. pass@1 (greedy, one reply) on held-out problems is measured
+before training, every --eval-every steps and at the end.
+
+Learning rates default to the starting checkpoint's effective ones (its raw LRs x its sqrt(B/2^19)
+batch scale) x --init-lr-frac. Writes chatrl_checkpoints/<tag>/ and report/chat_rl.json.
+"""
+
+import os
+import time
+import signal
+import argparse
+
+import torch
+import torch.distributed as dist
+
+from nanochat.common import compute_init, compute_cleanup, print0, init_wandb, write_report_json, git_info, run_cli
+from nanochat.gpt import GPTConfig, build_model
+from nanochat.checkpoint import (save_checkpoint, load_checkpoint, resolve_checkpoint, check_tokenizer, stage_dir,
+                                 CheckpointError)
+from nanochat.chat_data import rows_to_batch
+from scripts.base_train import B_REF, _interrupt
+
+RUN_CONTROL = ("resume", "max_steps_this_run", "save_every", "keep_checkpoints", "eval_every", "device_type", "run")
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("starting point")
+    g.add_argument("--source", choices=["sft", "mid", "base"], default="sft", help="stage of the checkpoint to start from (default sft)")
+    g.add_argument("--model-tag", type=str, default=None, help="tag of the starting checkpoint (required when several exist); also names the output unless --output-tag")
+    g.add_argument("--model-step", type=int, default=None, help="step of the starting checkpoint (default: its latest)")
+    g.add_argument("--output-tag", type=str, default=None, help="checkpoint directory name for this run (default: the starting checkpoint's tag)")
+    g.add_argument("--resume", action="store_true", help="continue exactly from the latest RL checkpoint of the tag (all other settings come from it)")
+    g = p.add_argument_group("problems and sampling")
+    g.add_argument("--task", choices=["gsm8k", "spellingbee"], default="gsm8k", help="train on GSM8K train and evaluate on GSM8K test, or on SpellingBee letter counting (train words / held-out test words)")
+    g.add_argument("--spelling-size", type=int, default=20000, help="[spellingbee] number of training problems")
+    g.add_argument("--num-epochs", type=int, default=1, help="passes over the training problems (when --num-iterations is -1)")
+    g.add_argument("--num-iterations", type=int, default=-1, help="optimizer steps; -1 = --num-epochs passes over the problems")
+    g.add_argument("--examples-per-step", type=int, default=16, help="problems per optimizer step across all ranks (a multiple of the world size)")
+    g.add_argument("--num-samples", type=int, default=16, help="replies sampled per problem (the group whose mean reward is the baseline)")
+    g.add_argument("--max-new-tokens", type=int, default=256, help="token budget per reply")
+    g.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of the rollouts")
+    g.add_argument("--top-k", type=int, default=50, help="rollouts sample among the k most likely tokens (0 = all)")
+    g = p.add_argument_group("optimization")
+    g.add_argument("--device-batch-size", type=int, default=8, help="sequences per forward/backward pass")
+    g.add_argument("--embedding-lr", type=float, default=None, help="AdamW LR of the embeddings before --init-lr-frac (default: the starting checkpoint's effective LR)")
+    g.add_argument("--unembedding-lr", type=float, default=None, help="AdamW LR of lm_head (same default)")
+    g.add_argument("--matrix-lr", type=float, default=None, help="Muon LR of the block matrices (same default)")
+    g.add_argument("--scalar-lr", type=float, default=None, help="AdamW LR of the residual scalars (same default)")
+    g.add_argument("--init-lr-frac", type=float, default=0.05, help="every LR is multiplied by this (default 0.05)")
+    g.add_argument("--weight-decay", type=float, default=0.0, help="Muon weight decay (default 0)")
+    g.add_argument("--seed", type=int, default=42, help="seed of the rollouts (each problem's samples get their own seed from it)")
+    g = p.add_argument_group("evaluation, checkpoints, logging")
+    g.add_argument("--eval-every", type=int, default=60, help="steps between pass@1 evaluations (-1 = only before and after)")
+    g.add_argument("--eval-examples", type=int, default=400, help="held-out problems in each pass@1 evaluation")
+    g.add_argument("--save-every", type=int, default=60, help="steps between checkpoints (-1 = only at the end)")
+    g.add_argument("--keep-checkpoints", type=int, default=2, help="keep this many most recent checkpoints (0 = all)")
+    g.add_argument("--max-steps-this-run", type=int, default=-1, help="stop (with a checkpoint) after this many steps in this invocation")
+    g.add_argument("--run", type=str, default="dummy", help="wandb run name; 'dummy' (default) disables wandb")
+    g.add_argument("--device-type", type=str, default="", help="cuda, mps or cpu (default: autodetect)")
+    args = p.parse_args(argv)
+    for k in ("examples_per_step", "num_samples", "max_new_tokens", "device_batch_size", "eval_examples", "num_epochs"):
+        if getattr(args, k) < 1:
+            p.error(f"--{k.replace('_', '-')} {getattr(args, k)}: must be >= 1")
+    return args
+
+
+def make_tasks(args):
+    """(training problems, held-out evaluation problems)."""
+    from tasks.common import DataUnavailableError
+    try:
+        if args.task == "gsm8k":
+            from tasks.gsm8k import GSM8K
+            return GSM8K("main", "train"), GSM8K("main", "test", stop=args.eval_examples)
+        from tasks.spellingbee import SpellingBee  # letter counting only: the answer is a checkable number
+        return (SpellingBee(args.spelling_size, "train", count_fraction=1.0),
+                SpellingBee(args.eval_examples, "test", count_fraction=1.0))
+    except DataUnavailableError as e:
+        raise SystemExit(f"cannot load the {args.task} problems: {e}")
+
+
+def rollout(engine, tokenizer, prompt, args, seed):
+    """num_samples replies to one prompt: (rows of (ids, mask) with the prompt masked and the terminal
+    token kept -- the model must learn to stop -- and the reply texts for grading)."""
+    stops = {tokenizer.get_bos_token_id(), tokenizer.encode_special("<|assistant_end|>")}
+    n = args.num_samples
+    ids = [list(prompt) for _ in range(n)]
+    masks = [[0] * len(prompt) for _ in range(n)]
+    done = [False] * n
+    for column, mask_column in engine.generate(prompt, n, max_tokens=args.max_new_tokens, temperature=args.temperature,
+                                               top_k=args.top_k or None, seed=seed):
+        for i, (t, m) in enumerate(zip(column, mask_column)):
+            if not done[i]:
+                ids[i].append(t)
+                masks[i].append(m)
+                done[i] = t in stops
+    texts = [tokenizer.decode([t for t in row[len(prompt):] if t not in stops]) for row in ids]
+    return list(zip(ids, masks)), texts
+
+
+def policy_gradient_backward(model, rows, advantages, scale, device_batch_size, pad_id, device):
+    """Backward of loss = scale * sum over rows r and their sampled tokens i of adv_r * CE_r,i, in
+    micro-batches of device_batch_size rows; returns the loss. With scale = 1 / (sampled tokens in
+    the step) its gradient is the token-level-normalised policy gradient, -sum adv * d log p / n
+    (CE = -log p). Under torchrun the caller multiplies scale by the world size, because the optimizer
+    averages gradients over ranks."""
+    total = 0.0
+    for a in range(0, len(rows), device_batch_size):
+        chunk = rows[a:a + device_batch_size]
+        x, y = rows_to_batch(chunk, pad_id, device=device)  # targets -1 on the prompt, tool output, padding
+        w = torch.tensor(advantages[a:a + len(chunk)], dtype=torch.float32, device=device) * scale
+        loss = model(x, y, loss_weights=w[:, None].expand_as(y))
+        loss.backward()
+        total += loss.item()
+    return total
+
+
+def problem_seed(base, step, index):
+    """A distinct, reproducible sampling seed per (run seed, step, problem)."""
+    return (base * 1_000_003 + step * 10_007 + index) & 0x7FFFFFFF
+
+
+def main(argv=None):
+    from nanochat.tokenizer import get_tokenizer
+    from nanochat.engine import Engine
+    from scripts.chat_eval import run_generative
+    args = get_args(argv)
+    rt = compute_init(args.device_type, seed=args.seed)
+    master = rt.master
+    print0(f"Device: {rt.device} x {rt.world_size} rank(s); compute dtype {str(rt.dtype).removeprefix('torch.')} ({rt.dtype_reason})")
+    tokenizer = get_tokenizer()
+    try:
+        if args.resume:
+            ckpt_dir, ckpt_step = resolve_checkpoint("rl", args.output_tag or args.model_tag)
+            state, meta, optim_shards, _ = load_checkpoint(ckpt_dir, ckpt_step, load_optimizer=True)
+            if optim_shards is None:
+                raise SystemExit(f"--resume: {ckpt_dir} step {ckpt_step} has no optimizer state")
+            args = argparse.Namespace(**{**meta["train_args"], **{k: getattr(args, k) for k in RUN_CONTROL}})
+            parent = meta["parent"]
+            where = f"our own checkpoint {ckpt_dir} step {ckpt_step}"
+        else:
+            pdir, pstep = resolve_checkpoint(args.source, args.model_tag, args.model_step)
+            state, meta, optim_shards, _ = load_checkpoint(pdir, pstep)
+            parent = {"source": args.source, "tag": os.path.basename(pdir), "step": pstep, "dir": pdir}
+            pargs = meta.get("train_args", {})
+            scale = ((meta.get("total_batch_size") or B_REF) / B_REF) ** 0.5
+            defaults = {"embedding_lr": 0.3, "unembedding_lr": 0.008, "matrix_lr": 0.02, "scalar_lr": 0.5}
+            for k, v in defaults.items():
+                if getattr(args, k) is None:
+                    setattr(args, k, (pargs.get(k) or v) * scale)
+            args.output_tag = args.output_tag or parent["tag"]
+            ckpt_dir = os.path.join(stage_dir("rl"), args.output_tag)
+            where = f"{args.source} checkpoint {pdir} step {pstep}"
+        check_tokenizer(meta, tokenizer, where)
+    except CheckpointError as e:
+        raise SystemExit(str(e))
+    if args.examples_per_step % rt.world_size:
+        raise SystemExit(f"--examples-per-step {args.examples_per_step} must be a multiple of the world size {rt.world_size}")
+    config = GPTConfig(**meta["model_config"])
+    model = build_model(config, rt.device, rt.dtype)
+    model.load_state_dict({k.removeprefix("_orig_mod."): v.float() for k, v in state.items()})
+    del state
+    print0(f"Starting from {where}; writing to {ckpt_dir}")
+    f = args.init_lr_frac
+    optimizer = model.setup_optimizer(unembedding_lr=args.unembedding_lr * f, embedding_lr=args.embedding_lr * f,
+                                      matrix_lr=args.matrix_lr * f, scalar_lr=args.scalar_lr * f,
+                                      weight_decay=args.weight_decay, rank=rt.rank, world_size=rt.world_size)
+    if optim_shards is not None:
+        optimizer.load_shard_state_dicts(optim_shards)
+    del optim_shards
+    def current_engine():
+        # A fresh Engine whenever the weights may have changed: an Engine keeps an inference copy of the
+        # weights (in the compute dtype) and detects updates by tensor versions, which the optimizer's
+        # in-place writes through .data do not bump, so a long-lived one would sample stale weights.
+        return Engine(model, tokenizer)
+
+    train_task, eval_task = make_tasks(args)
+    E = args.examples_per_step
+    N = args.num_iterations if args.num_iterations > 0 else max(1, args.num_epochs * len(train_task) // E)
+    print0(f"Task {args.task}: {len(train_task):,} training problems, {len(eval_task)} held-out; {N} steps of {E} "
+           f"problems x {args.num_samples} samples, up to {args.max_new_tokens} new tokens each")
+    print0(f"LRs (x{f} init frac): embedding {args.embedding_lr:.4g}, unembedding {args.unembedding_lr:.4g}, "
+           f"matrix {args.matrix_lr:.4g}, scalar {args.scalar_lr:.4g}")
+    wandb = init_wandb(args.run, "nanochat-rl", vars(args))
+    loop = meta["loop_state"] if args.resume else {"step": 0, "rewards": [], "losses": [], "seq_lens": [],
+                                                    "pass1_history": [], "skipped_steps": 0, "too_long": 0,
+                                                    "total_training_time": 0.0}
+    eval_args = argparse.Namespace(num_samples=1, max_new_tokens=args.max_new_tokens, temperature=0.0, top_k=None,
+                                   seed=args.seed)
+
+    def evaluate(step):
+        model.eval()
+        passed, total = run_generative(eval_task, current_engine(), tokenizer, rt, eval_args, len(eval_task), progress=False)[:2]
+        model.train()
+        acc = passed / max(1, total)
+        loop["pass1_history"].append([step, acc])
+        print0(f"Step {step:05d} | pass@1 (greedy) {passed}/{total} = {100 * acc:.2f}% on held-out {args.task}")
+        wandb.log({"step": step, "eval/pass@1": acc})
+        return acc
+
+    def checkpoint(step):
+        m = {"stage": "rl", "model_config": config.to_dict(), "train_args": vars(args), "parent": parent,
+             "tokenizer_fingerprint": tokenizer.fingerprint, "num_iterations": N, "dtype": str(rt.dtype),
+             "git": git_info(), "loop_state": {**loop, "step": step}}
+        save_checkpoint(ckpt_dir, step, m, model_state=model.state_dict() if master else None,
+                        optim_state=optimizer.shard_state_dict(), rank=rt.rank, world_size=rt.world_size,
+                        keep_last=args.keep_checkpoints or None)
+        print0(f"Saved checkpoint {ckpt_dir} step {step}")
+
+    signal.signal(signal.SIGTERM, _interrupt)
+    step, steps_this_run = loop["step"], 0
+    t_start = time.time()
+    model.train()
+    try:
+        while True:
+            last = step >= N
+            stop_early = args.max_steps_this_run > 0 and steps_this_run >= args.max_steps_this_run
+            if steps_this_run > 0 and (last or stop_early or (args.save_every > 0 and step % args.save_every == 0)):
+                checkpoint(step)
+            evaluated = loop["pass1_history"] and loop["pass1_history"][-1][0] == step
+            if not evaluated and (last or step == 0 or (args.eval_every > 0 and step % args.eval_every == 0)):
+                evaluate(step)
+            if last or stop_early:
+                break
+            t0 = time.time()
+            # Rollouts with the current weights (on-policy).
+            model.eval()
+            engine = current_engine()
+            rows, advantages, rewards = [], [], []
+            for k in range(rt.rank, E, rt.world_size):
+                index = (step * E + k) % len(train_task)
+                conversation = train_task[index]
+                prompt = tokenizer.render_for_completion(conversation)
+                if len(prompt) >= config.sequence_len:  # no room for a reply: nothing to learn from it
+                    loop["too_long"] += 1
+                    continue
+                samples, texts = rollout(engine, tokenizer, prompt, args, problem_seed(args.seed, step, index))
+                r = [train_task.reward(conversation, t) for t in texts]
+                mean = sum(r) / len(r)
+                rows += samples
+                advantages += [x - mean for x in r]
+                rewards += r
+            model.train()
+            # When the engine ran the model itself (fp32 compute), the rotary tables it cached are
+            # inference-mode tensors that autograd refuses; drop them so training rebuilds its own.
+            model._rope_cache.clear()
+            sampled = [sum(m[1:]) for _, m in rows]  # targets that carry loss: sampled tokens only
+            counts = torch.tensor([sum(sampled), sum(a != 0 for a in advantages), sum(rewards), len(rewards)],
+                                  dtype=torch.float64, device=rt.device)
+            if rt.ddp:
+                dist.all_reduce(counts)
+            n_tokens, n_informative = counts[0].item(), counts[1].item()
+            lrm = 1.0 - step / N  # linear from 1 towards 0 over the run
+            for group in optimizer.param_groups:
+                group["lr"] = group["initial_lr"] * lrm
+            loss_sum = policy_gradient_backward(model, rows, advantages, rt.world_size / max(n_tokens, 1.0),
+                                                args.device_batch_size, tokenizer.encode_special("<|assistant_end|>"),
+                                                rt.device)
+            if rt.ddp:  # a rank whose every prompt was too long still joins the gradient reduction
+                for p in model.parameters():
+                    if p.grad is None:
+                        p.grad = torch.zeros_like(p)
+            if n_informative > 0:
+                optimizer.step()
+            else:  # every group's samples agreed: zero gradient, don't let momentum move the weights
+                loop["skipped_steps"] += 1
+            model.zero_grad(set_to_none=True)
+            if rt.ddp:
+                t = torch.tensor([loss_sum], dtype=torch.float64, device=rt.device)
+                dist.all_reduce(t)
+                loss_sum = t.item() / rt.world_size
+            dt = time.time() - t0
+            step += 1
+            steps_this_run += 1
+            loop["total_training_time"] += dt
+            replies = max(1.0, counts[3].item())
+            mean_reward = counts[2].item() / replies
+            loop["rewards"].append(mean_reward)
+            loop["losses"].append(loss_sum)
+            loop["seq_lens"].append(n_tokens / replies)
+            print0(f"step {step:05d}/{N:05d} | reward {mean_reward:.3f} | sampled tokens/reply {n_tokens / replies:.1f} | "
+                   f"informative samples {int(n_informative)}/{int(counts[3].item())} | lrm {lrm:.3f} | dt {dt:.1f}s")
+            wandb.log({"step": step, "train/reward": mean_reward, "train/lrm": lrm, "train/loss": loss_sum})
+    except KeyboardInterrupt:
+        if not rt.ddp and steps_this_run > 0:
+            print0(f"\nInterrupted: saving step {step} so --resume can continue from it")
+            checkpoint(step)
+        compute_cleanup()
+        raise SystemExit(130)
+
+    if last:
+        hist = loop["pass1_history"]
+        report = {
+            "stage": "rl", "model_tag": args.output_tag, "parent": parent, "model_config": config.to_dict(),
+            "task": args.task, "step": step, "num_iterations": N, "world_size": rt.world_size,
+            "pass1_before": hist[0][1] if hist else None, "pass1_after": hist[-1][1] if hist else None,
+            "eval_examples": len(eval_task), "pass1_history": hist, "rewards": loop["rewards"],
+            "mean_sampled_tokens": loop["seq_lens"], "losses": loop["losses"], "skipped_steps": loop["skipped_steps"],
+            "too_long_prompts": loop["too_long"],
+            "total_training_time": loop["total_training_time"], "wall_time": time.time() - t_start,
+            "dtype": str(rt.dtype).removeprefix("torch."), "device": rt.device_type, "args": vars(args),
+        }
+        path = write_report_json("chat_rl", report)
+        print0(f"Done: pass@1 {report['pass1_before']:.4f} -> {report['pass1_after']:.4f}. Report: {path}")
+    wandb.finish()
+    compute_cleanup()
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,31 @@
+"""
+Midtraining: continue the base model on a large mixture of conversations so it learns the chat format,
+multiple choice, tool use (python calls in GSM8K solutions and letter counting), its identity and
+spelling. Rows are packed: whole conversations, BOS-aligned best fit, the tail of a row padded, never
+a conversation cropped to fill a row (nanochat/chat_data.PackedBatcher); loss on assistant tokens only.
+
+    python -m scripts.mid_train --model-tag=d20          # one epoch of the mixture
+    python -m scripts.mid_train --model-tag=d4 --num-iterations=300 --smoltalk-size=20000
+    torchrun --standalone --nproc_per_node=8 -m scripts.mid_train -- --model-tag=d20
+    python -m scripts.mid_train --resume                 # continue exactly where the last run stopped
+
+Mixture (sizes are flags): SmolTalk train (offline: the local stand-in conversations), MMLU
+auxiliary_train (offline only dev exists: MMLU dev, which is small, so ARC-Easy + ARC-Challenge train
+are in by default as well), GSM8K train, Identity, SpellingBee, plus any --custom-json files.
+Sequence length, batch sizes and learning rates default to the base checkpoint's. LR: flat for 80% of
+the run, then linear to 0.
+
+Writes mid_checkpoints/<tag>/ and report/mid_train.json. The training loop is shared with SFT and
+lives in scripts/chat_sft.py.
+"""
+
+from nanochat.common import run_cli
+from scripts.chat_sft import run
+
+
+def main(argv=None):
+    run("mid", argv, __doc__)
+
+
+if __name__ == "__main__":
+    run_cli(main)
