@@ -12,7 +12,6 @@ report/base_train.json under the base dir.
 
 import os
 import gc
-import sys
 import math
 import time
 import json
@@ -23,16 +22,17 @@ import argparse
 import torch
 import torch.distributed as dist
 
-from nanochat.common import (compute_init, compute_cleanup, print0, get_base_dir, get_peak_flops, init_wandb,
+from nanochat.common import (compute_init, compute_cleanup, print0, get_peak_flops, init_wandb,
                              write_report_json, git_info, run_cli, GPU_PEAK_BF16_FLOPS)
 from nanochat.gpt import GPTConfig, GPT, build_model
 from nanochat.optim import lr_multiplier, muon_momentum
-from nanochat.checkpoint import save_checkpoint, load_checkpoint, list_steps, check_tokenizer, stage_dir, CheckpointError
+from nanochat.checkpoint import save_checkpoint, load_checkpoint, list_steps, check_tokenizer, stage_dir
 
 # Reference point for transferring batch size, LR and weight decay across sizes (upstream nanochat's
 # d12 tuning): 2^19 tokens per step at d12 with the same tokens:params ratio.
 B_REF = 2 ** 19
 REF_DEPTH = 12
+WD_CAP_FACTOR = 10  # derived Muon weight decay is capped at this multiple of --weight-decay
 SAMPLE_PROMPTS = ["The capital of France is", "The chemical symbol of gold is",
                   "If yesterday was Friday, then tomorrow will be", "The opposite of hot is",
                   "The planets of the solar system are:", "My favorite color is", "If 5*x + 3 = 13, then x is"]
@@ -142,10 +142,15 @@ def derive_plan(args, config, world_size):
     # Weight decay transfers with the number of passes over the data per epoch time (T_epoch = D/B):
     # lambda = lambda_ref * sqrt(B/B_ref) * (D_ref/D).
     weight_decay = args.weight_decay * lr_scale * (D_ref / (steps * B))
+    # The rule extrapolates to absurd values (hundreds) for runs 10^4x smaller than the reference,
+    # like the CPU demos, where the decay would wipe the weights out in a few steps. Beyond 10x the
+    # reference value there is no evidence for it, so cap there (and say so in the plan).
+    wd_uncapped = weight_decay
+    weight_decay = min(weight_decay, WD_CAP_FACTOR * args.weight_decay)
     rows = B // args.max_seq_len
     return {"n_scaling": n_scaling, "flops_per_token": flops_per_token, "total_batch_size": B,
             "batch_reason": batch_reason, "num_iterations": steps, "horizon": horizon, "lr_scale": lr_scale,
-            "weight_decay": weight_decay, "rows_per_step": rows, "tokens": steps * B,
+            "weight_decay": weight_decay, "weight_decay_uncapped": wd_uncapped, "rows_per_step": rows, "tokens": steps * B,
             "total_flops": flops_per_token * steps * B, "num_params": model.num_params()}
 
 
@@ -271,7 +276,10 @@ def main(argv=None):
           f"{grad_accum} micro-step(s) per step")
     print0(f"Horizon: {N:,} steps ({plan['horizon']}), {plan['tokens']:,} tokens, "
           f"{plan['tokens'] / plan['n_scaling']:.2f} tokens per scaling param, {plan['total_flops']:.3e} FLOPs")
-    print0(f"LR scale {plan['lr_scale']:.4f} (sqrt(B/2^19)); Muon weight decay {plan['weight_decay']:.4f}")
+    capped = plan["weight_decay_uncapped"] > plan["weight_decay"]
+    print0(f"LR scale {plan['lr_scale']:.4f} (sqrt(B/2^19)); Muon weight decay {plan['weight_decay']:.4f}"
+           + (f" (capped at {WD_CAP_FACTOR}x --weight-decay; the transfer rule gave "
+              f"{plan['weight_decay_uncapped']:.4g} for this short run)" if capped else ""))
     need, static, per_row = estimate_memory(config, plan, args, rt.dtype)
     have = device_memory(rt.device_type)
     print0(f"Estimated peak memory: {need / 2**30:.2f} GiB" + (f" of {have / 2**30:.1f} GiB available" if have else ""))

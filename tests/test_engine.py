@@ -332,8 +332,13 @@ def test_kv_cache_protocol():
 
 
 def test_cache_uses_compute_dtype():
-    model = random_model(dtype=torch.bfloat16)
-    assert KVCache.for_model(model, 2, 10).k.dtype == torch.bfloat16  # upstream bug #16
+    # Never a hard-coded dtype (upstream bug #16): the compute dtype off the CPU; on the CPU fp32,
+    # whose attention kernel decodes faster, and which attention() reads under any compute dtype.
+    for dtype in (torch.bfloat16, torch.float32):
+        model = random_model(dtype=dtype)
+        assert KVCache.for_model(model, 2, 10).k.dtype == torch.float32
+    meta = random_model(dtype=torch.bfloat16).to("meta")
+    assert KVCache.for_model(meta, 2, 10).k.dtype == torch.bfloat16
 
 
 def test_inference_copy_tracks_master_weights():
