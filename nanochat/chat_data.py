@@ -76,6 +76,30 @@ def _check_batch(B, world_size, rows_per_step):
     return R
 
 
+class _Subset:
+    """The conversations of `task` at `indices`, as a Task-like list (len, [i], iteration)."""
+
+    def __init__(self, task, indices):
+        self.task, self.indices = task, indices
+
+    def __len__(self):
+        return len(self.indices)
+
+    def __getitem__(self, i):
+        return self.task[self.indices[i]]
+
+    def __iter__(self):
+        return (self.task[i] for i in self.indices)
+
+
+def drop_overlong(task, tokenizer, capacity):
+    """(conversations of `task` that render to at most `capacity` tokens, how many were dropped). For a
+    model with a short context: a truncated reply never shows its <|assistant_end|>, so training on
+    many of them teaches the model to talk until the context is full. Renders every conversation once."""
+    keep = [i for i in range(len(task)) if len(tokenizer.render_conversation(task[i])[0]) <= capacity]
+    return _Subset(task, keep), len(task) - len(keep)
+
+
 # -----------------------------------------------------------------------------
 # Midtraining: best-fit packing, BOS-aligned, padded instead of cropped
 

@@ -202,6 +202,23 @@ def run_generative(task, engine, tokenizer, rt, args, num_problems, progress=Tru
     return passed, total, too_long
 
 
+def turn_end_rate(engine, tokenizer, rt, prompts, max_new_tokens=None, temperature=0.0, top_k=None, seed=42):
+    """Does the model know when to stop? Of `prompts` (token ids ending with <|assistant_start|>), how
+    many replies (greedy by default; prompt i sampled with seed + i) end with <|assistant_end|> before
+    max_new_tokens or the context runs out (a <|bos|> is not a proper end). Prompts are strided across
+    ranks; returns (ended, total) summed."""
+    end = tokenizer.encode_special("<|assistant_end|>")
+    mine = list(range(rt.rank, len(prompts), rt.world_size))
+    ended = 0
+    for i in mine:
+        for column, _ in engine.generate(prompts[i], 1, max_tokens=max_new_tokens, temperature=temperature,
+                                         top_k=top_k, seed=seed + i):
+            if column[0] == end:
+                ended += 1
+                break
+    return _sum_across_ranks(ended, len(mine), rt.device)
+
+
 def chatcore(results):
     """Mean centered accuracy over all six tasks, or None if any is missing."""
     if any(name not in results for name in TASKS):

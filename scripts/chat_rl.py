@@ -151,7 +151,8 @@ def main(argv=None):
             state, meta, optim_shards, _ = load_checkpoint(ckpt_dir, ckpt_step, load_optimizer=True)
             if optim_shards is None:
                 raise SystemExit(f"--resume: {ckpt_dir} step {ckpt_step} has no optimizer state")
-            args = argparse.Namespace(**{**meta["train_args"], **{k: getattr(args, k) for k in RUN_CONTROL}})
+            # the saved settings; flags newer than the checkpoint keep their defaults
+            args = argparse.Namespace(**{**vars(args), **meta["train_args"], **{k: getattr(args, k) for k in RUN_CONTROL}})
             parent = meta["parent"]
             where = f"our own checkpoint {ckpt_dir} step {ckpt_step}"
         else:

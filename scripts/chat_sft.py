@@ -22,8 +22,17 @@ cross-entropy is divided by the number of assistant targets in the whole optimiz
 micro-batches, all ranks), so a micro-batch with few assistant tokens is not over-weighted, and one with
 none contributes exactly zero loss and zero gradient (never NaN).
 
+Conversations longer than a row are truncated and counted; --overlong=drop leaves them out instead,
+which a short-context model needs: a truncated reply never shows its <|assistant_end|> (measured with
+d4 at 256 tokens: greedy turn ends on held-out chat prompts 16% after SFT with truncation, 60% with drop).
+
+With --chat-eval-examples N the model also writes greedy replies through the Engine before and after
+training: the share of N held-out chat prompts whose reply ends with <|assistant_end|> (does it know
+when to stop?) and SpellingBee letter-count accuracy on N held-out words (is a skill learned?).
+
 Writes <stage>_checkpoints/<tag>/ (model, per-rank optimizer and batcher state, meta with the full
-model config) and report/<stage>.json (losses, val loss, truncation counts, timings, args).
+model config) and report/<stage>.json (losses, val loss, truncation counts, turn-end and spelling
+rates before/after, timings, args).
 """
 
 import os
@@ -44,8 +53,9 @@ from nanochat.gpt import GPTConfig, build_model
 from nanochat.optim import lr_multiplier, muon_momentum
 from nanochat.checkpoint import (save_checkpoint, load_checkpoint, resolve_checkpoint, check_tokenizer, stage_dir,
                                  CheckpointError)
-from nanochat.chat_data import PackedBatcher, PaddedBatcher, new_stats
+from nanochat.chat_data import PackedBatcher, PaddedBatcher, new_stats, drop_overlong
 from scripts.base_train import B_REF, _interrupt
+from tasks.common import DataUnavailableError
 
 # Where each stage's loop reads its defaults from; report names follow the script names.
 STAGES = {
@@ -75,7 +85,9 @@ def get_args(stage, argv=None, description=__doc__):
     g.add_argument("--resume", action="store_true", help="continue exactly from this stage's latest checkpoint of the tag (all other settings come from it)")
     g = p.add_argument_group("batch and horizon (unset = inherited from the starting checkpoint)")
     g.add_argument("--num-iterations", type=int, default=-1, help="optimizer steps; -1 = one epoch of the mixture")
-    g.add_argument("--max-seq-len", type=int, default=None, help="row length in tokens; longer conversations are truncated (and counted)")
+    g.add_argument("--max-seq-len", type=int, default=None, help="row length in tokens; longer conversations are truncated (and counted), or dropped with --overlong=drop")
+    g.add_argument("--overlong", choices=["truncate", "drop"], default="truncate", help="conversations longer than a row: truncate them (counted in the log), or drop them from "
+                   "the mixture up front (counted; renders the whole mixture once) so that every reply trained on shows its end, which a short-context model needs to learn to stop")
     g.add_argument("--device-batch-size", type=int, default=None, help="rows per forward pass per device")
     g.add_argument("--total-batch-size", type=int, default=None, help="tokens per optimizer step across ranks (rows per step = this / max seq len)")
     g = p.add_argument_group("optimization (unset learning rates = the starting checkpoint's, rescaled to this batch)")
@@ -95,12 +107,16 @@ def get_args(stage, argv=None, description=__doc__):
     g.add_argument("--arc-epochs", type=int, default=d["arc_epochs"], help="passes over ARC-Easy + ARC-Challenge train")
     g.add_argument("--gsm8k-epochs", type=int, default=d["gsm8k_epochs"], help="passes over GSM8K train")
     g.add_argument("--identity-size", type=int, default=d["identity_size"], help="synthetic identity conversations")
+    g.add_argument("--identity-name", type=str, default="nanochat", help="the name the Identity conversations give the model")
+    g.add_argument("--identity-author", type=str, default="the nanochat developers", help="who the Identity conversations say made the model")
     g.add_argument("--spelling-size", type=int, default=d["spelling_size"], help="SpellingBee spelling/letter-counting conversations")
     g.add_argument("--custom-json", action="append", default=[], metavar="PATH", help="a .jsonl file of your own conversations (see tasks/customjson.py); repeat for several")
     g.add_argument("--val-size", type=int, default=500, help="conversations per validation source (SmolTalk, MMLU, GSM8K, SpellingBee test)")
     g = p.add_argument_group("evaluation, checkpoints, logging")
     g.add_argument("--eval-every", type=int, default=d["eval_every"], help="steps between validation losses (-1 = only at the start and end)")
     g.add_argument("--eval-tokens", type=int, default=20 * 524288, help="validation tokens per evaluation (rounded to whole micro-batches)")
+    g.add_argument("--chat-eval-examples", type=int, default=0, help="before and after training, sample greedy replies to this many held-out prompts: the share of chat prompts "
+                   "answered with a reply that ends with <|assistant_end|>, and SpellingBee letter-count accuracy on held-out words (0 = off; costs generation time)")
     g.add_argument("--save-every", type=int, default=-1, help="steps between checkpoints (-1 = only at the end)")
     g.add_argument("--keep-checkpoints", type=int, default=2, help="keep this many most recent checkpoints (0 = all)")
     g.add_argument("--max-steps-this-run", type=int, default=-1, help="stop (with a checkpoint) after this many steps in this invocation; the schedule still targets the full run")
@@ -110,6 +126,8 @@ def get_args(stage, argv=None, description=__doc__):
     args = p.parse_args(argv)
     problems = [f"--{k.replace('_', '-')} {v}: must be >= 1" for k, v in vars(args).items()
                 if k in ("max_seq_len", "device_batch_size", "total_batch_size") and v is not None and v < 1]
+    if args.chat_eval_examples < 0:
+        problems.append(f"--chat-eval-examples {args.chat_eval_examples}: must be >= 0")
     if problems:
         p.error("; ".join(problems))
     return args
@@ -122,7 +140,7 @@ def get_args(stage, argv=None, description=__doc__):
 def build_mixtures(args):
     """(train task, val task, description) from the mixture flags. Offline (NANOCHAT_LOCAL_DATA set)
     MMLU has no auxiliary_train, so its small dev split stands in (with ARC train alongside)."""
-    from tasks.common import TaskMixture, DataUnavailableError
+    from tasks.common import TaskMixture
     from tasks.arc import ARC
     from tasks.mmlu import MMLU
     from tasks.gsm8k import GSM8K
@@ -144,7 +162,7 @@ def build_mixtures(args):
         if args.gsm8k_epochs > 0:
             parts.append((f"GSM8K train x{args.gsm8k_epochs}", [GSM8K("main", "train")] * args.gsm8k_epochs))
         if args.identity_size > 0:
-            parts.append(("Identity", [Identity(size=args.identity_size)]))
+            parts.append(("Identity", [Identity(args.identity_name, args.identity_author, size=args.identity_size)]))
         if args.spelling_size > 0:
             parts.append(("SpellingBee train", [SpellingBee(args.spelling_size, "train")]))
         for path in args.custom_json:
@@ -173,6 +191,29 @@ def build_mixtures(args):
         description["note_val"] = "no held-out source in the mixture: validation loss is on training conversations"
         val_parts = [TaskMixture(tasks, stop=n)]
     return train, TaskMixture(val_parts), description
+
+
+def chat_eval_sets(args, val_task, tokenizer, context):
+    """What --chat-eval-examples measures: (prompts, spelling). prompts: the first n held-out chat
+    prompts (the opening user turn of SmolTalk test conversations when SmolTalk is in the mixture, else
+    of the validation mixture) whose reference reply fits in the context: where the data itself
+    answers at greater length, not ending is right, and a small context would count it as a failure.
+    spelling: n SpellingBee letter-count problems on held-out words, or None when SpellingBee is not
+    trained on."""
+    from tasks.smoltalk import SmolTalk
+    from tasks.spellingbee import SpellingBee
+    n = args.chat_eval_examples
+    source = SmolTalk("test") if args.smoltalk_size != 0 else val_task
+    prompts = []
+    for conversation in source:
+        messages = conversation["messages"]
+        head = messages[:3] if messages[0]["role"] == "system" else messages[:2]  # up to the first reply
+        if len(tokenizer.render_conversation({"messages": head})[0]) <= context:
+            prompts.append(tokenizer.render_for_completion({"messages": head}))
+            if len(prompts) == n:
+                break
+    spelling = SpellingBee(n, "test", count_fraction=1.0) if args.spelling_size > 0 else None
+    return prompts, spelling
 
 
 def lr_schedule(progress, args):
@@ -257,7 +298,8 @@ def run(stage, argv=None, description=__doc__):
                                                                        load_loader=True)
             if optim_shards is None or loader_states is None:
                 raise SystemExit(f"--resume: {ckpt_dir} step {ckpt_step} lacks optimizer or batcher state")
-            args = argparse.Namespace(**{**meta["train_args"], **{k: getattr(args, k) for k in RUN_CONTROL}})
+            # the saved settings; flags newer than the checkpoint keep their defaults
+            args = argparse.Namespace(**{**vars(args), **meta["train_args"], **{k: getattr(args, k) for k in RUN_CONTROL}})
             parent = meta["parent"]
             where = f"our own checkpoint {ckpt_dir} step {ckpt_step}"
         else:
@@ -302,6 +344,13 @@ def run(stage, argv=None, description=__doc__):
         model.compile_for_training()
 
     train_task, val_task, mixture = build_mixtures(args)
+    if args.overlong == "drop":
+        t0 = time.time()
+        train_task, dropped = drop_overlong(train_task, tokenizer, T + 1)
+        mixture["dropped_overlong"] = dropped
+        print0(f"--overlong=drop: dropped {dropped:,} conversations longer than {T + 1} tokens ({time.time() - t0:.0f}s)")
+        if len(train_task) == 0:
+            raise SystemExit(f"every conversation is longer than --max-seq-len {T} + 1 tokens: raise it or use --overlong=truncate")
     print0(f"Mixture: {len(train_task):,} conversations: " + json.dumps(mixture))
     print0(f"Validation: {len(val_task):,} conversations")
 
@@ -334,6 +383,13 @@ def run(stage, argv=None, description=__doc__):
     loop = meta["loop_state"] if args.resume else {
         "step": 0, "losses": [], "val_history": [], "data": new_stats(), "valid_targets": 0, "tokens": 0,
         "timed_tokens": 0, "skipped_steps": 0, "total_training_time": 0.0}
+    loop.setdefault("chat_evals", [])
+    gen_sets = None
+    if args.chat_eval_examples > 0:
+        try:
+            gen_sets = chat_eval_sets(args, val_task, tokenizer, config.sequence_len)
+        except (DataUnavailableError, ValueError) as e:
+            raise SystemExit(f"--chat-eval-examples: {e}")
 
     def progress(step):
         return step / N if N else loop["data"]["conversations"] / len(train_task)
@@ -369,6 +425,31 @@ def run(stage, argv=None, description=__doc__):
         wandb.log({"step": step, "val/loss": loss})
         return loss
 
+    def chat_evals(step):
+        """--chat-eval-examples: greedy replies through the Engine (the inference path) with the
+        current weights; see chat_eval_sets."""
+        from nanochat.engine import Engine
+        from scripts.chat_eval import run_generative, turn_end_rate
+        prompts, spelling = gen_sets
+        model.eval()
+        engine = Engine(model, tokenizer)
+        t0 = time.time()
+        ended, total = turn_end_rate(engine, tokenizer, rt, prompts)
+        row = {"step": step, "turn_end": ended / max(1, total), "turn_end_prompts": total}
+        msg = f"replies ending with <|assistant_end|> {ended}/{total} held-out chat prompts"
+        if spelling is not None:
+            greedy = argparse.Namespace(num_samples=1, max_new_tokens=config.sequence_len, temperature=0.0,
+                                        top_k=None, seed=args.seed)
+            passed, n, _ = run_generative(spelling, engine, tokenizer, rt, greedy, len(spelling), progress=False)
+            row.update(spelling_count=passed / max(1, n), spelling_count_problems=n)
+            msg += f" | SpellingBee letter count {passed}/{n} held-out words"
+        model.train()
+        # The engine may have run the model itself (fp32 compute) and cached rotary tables under
+        # no_grad; drop them so training builds its own (as chat_rl does after its rollouts).
+        model._rope_cache.clear()
+        loop["chat_evals"].append(row)
+        print0(f"Step {step:05d} | {msg} ({time.time() - t0:.0f}s)")
+
     signal.signal(signal.SIGTERM, _interrupt)
     step, steps_this_run, pending_loader_state = loop["step"], 0, None
     t_start = time.time()
@@ -383,6 +464,8 @@ def run(stage, argv=None, description=__doc__):
             evaluated = loop["val_history"] and loop["val_history"][-1][0] == step  # e.g. just resumed
             if not evaluated and (last or step == 0 or (args.eval_every > 0 and step % args.eval_every == 0)):
                 evaluate(step)
+            if gen_sets and (last or step == 0) and not (loop["chat_evals"] and loop["chat_evals"][-1]["step"] == step):
+                chat_evals(step)
             if last or stop_early:
                 break
             t0 = time.time()
@@ -405,8 +488,9 @@ def run(stage, argv=None, description=__doc__):
             else:  # nothing to learn from in the whole step: don't let momentum move the weights
                 loop["skipped_steps"] += 1
             model.zero_grad(set_to_none=True)
-            train_loss = (all_reduce_sum(loss_sum, rt).item() / n_valid) if n_valid > 0 else float("nan")
-            if n_valid > 0 and not math.isfinite(train_loss):
+            # None (not NaN, which is not JSON) for a step with no assistant token anywhere: nothing was learned
+            train_loss = (all_reduce_sum(loss_sum, rt).item() / n_valid) if n_valid > 0 else None
+            if train_loss is not None and not math.isfinite(train_loss):
                 raise SystemExit(f"loss became {train_loss} at step {step}: lower the learning rates, or check the data")
             dt = time.time() - t0
             step += 1
@@ -424,7 +508,7 @@ def run(stage, argv=None, description=__doc__):
             mfu = flops_per_token * tok_per_sec / (peak * rt.world_size)
             loop["last_tok_per_sec"], loop["last_mfu"] = tok_per_sec, mfu
             pad = loop["data"]["pad_tokens"] / max(1, loop["data"]["row_tokens"])
-            print0(f"step {step:05d}{f'/{N:05d}' if N else ''} ({100 * progress(step):.1f}%) | loss {train_loss:.4f} | "
+            print0(f"step {step:05d}{f'/{N:05d}' if N else ''} ({100 * progress(step):.1f}%) | loss {'skipped (no assistant tokens)' if train_loss is None else f'{train_loss:.4f}'} | "
                    f"lrm {lrm:.3f} | dt {dt * 1000:.0f}ms | tok/s {tok_per_sec:,.0f} | mfu {100 * mfu:.1f}% | "
                    f"truncated {loop['data']['truncated']}/{loop['data']['conversations']} | pad {100 * pad:.0f}%")
             if step % 10 == 0:
@@ -441,7 +525,7 @@ def run(stage, argv=None, description=__doc__):
         raise SystemExit(130)
 
     if last:
-        d = loop["data"]
+        d, ce = loop["data"], loop["chat_evals"]
         timed = loop["total_training_time"]
         tok_per_sec = loop["timed_tokens"] / timed if timed > 0 else loop.get("last_tok_per_sec", 0.0)
         report = {
@@ -453,6 +537,9 @@ def run(stage, argv=None, description=__doc__):
             "padding_fraction": d["pad_tokens"] / max(1, d["row_tokens"]), "skipped_steps": loop["skipped_steps"],
             "val_loss": loop["val_history"][-1][1] if loop["val_history"] else None,
             "initial_val_loss": loop["val_history"][0][1] if loop["val_history"] else None,
+            "turn_end_before": ce[0]["turn_end"] if ce else None, "turn_end_after": ce[-1]["turn_end"] if ce else None,
+            "spelling_count_before": ce[0].get("spelling_count") if ce else None,
+            "spelling_count_after": ce[-1].get("spelling_count") if ce else None, "chat_evals": ce,
             "tok_per_sec": tok_per_sec, "mfu": flops_per_token * tok_per_sec / (peak * rt.world_size),
             "mfu_reference": peak_reason, "total_training_time": loop["total_training_time"],
             "wall_time": time.time() - t_start, "dtype": str(rt.dtype).removeprefix("torch."), "device": rt.device_type,
@@ -461,6 +548,10 @@ def run(stage, argv=None, description=__doc__):
         path = write_report_json(S["report"], report)
         print0(f"Done: val loss {report['initial_val_loss']:.4f} -> {report['val_loss']:.4f}, "
                f"{d['truncated']} of {d['conversations']} conversations truncated. Report: {path}")
+        if len(ce) > 1:
+            print0(f"Turn ends with <|assistant_end|>: {ce[0]['turn_end']:.1%} -> {ce[-1]['turn_end']:.1%}" +
+                   (f"; SpellingBee letter count: {ce[0]['spelling_count']:.1%} -> {ce[-1]['spelling_count']:.1%}"
+                    if "spelling_count" in ce[-1] else ""))
     wandb.finish()
     compute_cleanup()
 

@@ -2,7 +2,8 @@
 Midtraining: continue the base model on a large mixture of conversations so it learns the chat format,
 multiple choice, tool use (python calls in GSM8K solutions and letter counting), its identity and
 spelling. Rows are packed: whole conversations, BOS-aligned best fit, the tail of a row padded, never
-a conversation cropped to fill a row (nanochat/chat_data.PackedBatcher); loss on assistant tokens only.
+a conversation cropped to fill a row (nanochat/chat_data.PackedBatcher); one longer than a whole row is
+truncated and counted, or dropped up front with --overlong=drop. Loss on assistant tokens only.
 
     python -m scripts.mid_train --model-tag=d20          # one epoch of the mixture
     python -m scripts.mid_train --model-tag=d4 --num-iterations=300 --smoltalk-size=20000

@@ -21,7 +21,7 @@ MAX_LISTED_ERRORS = 20
 def parse_line(line):
     """One line -> a conversation dict; ValueError saying why the line is not one."""
     try:
-        row = json.loads(line)
+        row = json.loads(line.rstrip())  # without the newline, so an unclosed line's error column is its end
     except json.JSONDecodeError as e:
         raise ValueError(f"invalid JSON ({e.msg} at column {e.colno})")
     if isinstance(row, dict):

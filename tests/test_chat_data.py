@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from nanochat.chat_data import PackedBatcher, PaddedBatcher, rows_to_batch, render_row
+from nanochat.chat_data import PackedBatcher, PaddedBatcher, rows_to_batch, render_row, drop_overlong
 from nanochat.tokenizer import Tokenizer
 from tasks.common import Task
 
@@ -180,6 +180,16 @@ def test_truncation_is_counted(tok):
     stats = PaddedBatcher(ListTask([long, short]), tok, B=2, T=64).next_step()[1]
     assert stats["truncated"] == 1 and stats["conversations"] == 2
     assert x.shape == (2, 64)  # padded to the longest row (the truncated one: T+1 tokens)
+
+
+def test_drop_overlong_keeps_only_whole_conversations(tok):
+    convs = synthetic(40, seed=3)
+    lengths = [len(tok.render_conversation(c)[0]) for c in convs]
+    kept, dropped = drop_overlong(ListTask(convs), tok, 65)
+    assert [c for c in kept] == [c for c, n in zip(convs, lengths) if n <= 65]
+    assert dropped == sum(n > 65 for n in lengths) > 0 and len(kept) + dropped == 40
+    stats = PaddedBatcher(kept, tok, B=4, T=64).next_step()[1]
+    assert stats["truncated"] == 0 and stats["conversations"] == 4  # every reply keeps its <|assistant_end|>
 
 
 def test_fixed_length_and_rows_to_batch():

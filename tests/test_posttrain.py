@@ -140,6 +140,40 @@ def test_policy_gradient_matches_reference():
     assert after[3] < before[3] and after[1] > before[1]
 
 
+class StreamingEngine:
+    """Stands in for nanochat.engine.Engine.generate: streams a scripted reply per prompt, one token
+    column at a time, stopping after a terminal token or max_tokens (as the real one does)."""
+
+    def __init__(self, replies, terminals):
+        self.replies, self.terminals, self.calls = replies, terminals, []
+
+    def generate(self, tokens, num_samples=1, max_tokens=None, temperature=1.0, top_k=None, seed=42):
+        self.calls.append((tuple(tokens), max_tokens, temperature, seed))
+        for t in self.replies[tuple(tokens)][:max_tokens]:
+            yield [t] * num_samples, [1] * num_samples
+            if t in self.terminals:
+                return
+
+
+def test_turn_end_rate_counts_replies_that_end_with_assistant_end():
+    from types import SimpleNamespace
+    from scripts.chat_eval import turn_end_rate
+    END, BOS = 5, 0
+    tok = SimpleNamespace(encode_special=lambda s: {"<|assistant_end|>": END}[s])
+    replies = {(1,): [7, 8, END, 9],      # ends its turn
+               (2,): [7, 7, 7, 7, 7],     # runs out of budget
+               (3,): [7, BOS],            # a <|bos|> is not a proper end of turn
+               (4,): [7, 7, 7, END]}      # ends, but only on its 4th token
+    engine = StreamingEngine(replies, {END, BOS})
+    prompts = [[1], [2], [3], [4]]
+    rt = lambda r, w: SimpleNamespace(rank=r, world_size=w, device=torch.device("cpu"))
+    assert turn_end_rate(engine, tok, rt(0, 1), prompts) == (2, 4)
+    assert [(t, seed) for _, _, t, seed in engine.calls] == [(0.0, 42 + i) for i in range(4)]  # greedy by default
+    assert turn_end_rate(engine, tok, rt(0, 1), prompts, max_new_tokens=3) == (1, 4)
+    # strided over ranks (without a process group each rank reports its own share)
+    assert [turn_end_rate(engine, tok, rt(r, 2), prompts) for r in range(2)] == [(1, 2), (1, 2)]
+
+
 # -----------------------------------------------------------------------------
 # The scripts end to end
 
@@ -159,10 +193,16 @@ def test_mid_then_sft_then_rl(chat_env, monkeypatch):
     assert meta["train_args"]["max_seq_len"] == 128 and meta["train_args"]["matrix_lr"] == base_meta["train_args"]["matrix_lr"]
     assert any(not torch.equal(state[k], base_state[k]) for k in state)  # it trained
 
-    chat_sft.main([*SMALL, "--num-iterations=2"])  # default source: mid
+    chat_sft.main([*SMALL, "--num-iterations=2", "--chat-eval-examples=2", "--overlong=drop"])  # default source: mid
     r = read_report(chat_env, "chat_sft")
     assert r["parent"]["source"] == "mid" and r["step"] == 2 and r["stage"] == "sft"
-    assert set(r["mixture"]) == {"GSM8K train x1", "Identity", "SpellingBee train"}
+    assert r["mixture"]["dropped_overlong"] > 0 and r["truncated_conversations"] == 0
+    assert r["train_conversations"] == sum(v for k, v in r["mixture"].items() if k != "dropped_overlong") - r["mixture"]["dropped_overlong"]
+    # generation checks before/after: 2 held-out prompts (no SmolTalk: from the validation mixture)
+    assert [e["step"] for e in r["chat_evals"]] == [0, 2]
+    assert all(e["turn_end_prompts"] == 2 and e["spelling_count_problems"] == 2 for e in r["chat_evals"])
+    assert 0 <= r["turn_end_after"] <= 1 and 0 <= r["spelling_count_after"] <= 1
+    assert set(r["mixture"]) == {"GSM8K train x1", "Identity", "SpellingBee train", "dropped_overlong"}
     model, tok, meta = load_model("sft", "cpu", model_tag="d2")  # consumers load it like any checkpoint
     assert meta["loop_state"]["step"] == 2
 
