@@ -1,0 +1,117 @@
+#!/usr/bin/env bash
+# runs/miniseries.sh: a series of base models of increasing depth, each trained at the same
+# tokens:params ratio (base_train --target-param-data-ratio), so every model is trained the way the
+# speedrun trains its own. Each gets val bpb (at the end of training) and CORE (base_eval); the table
+# shows how capability grows with size and where the series crosses GPT-2 (CORE 0.256525).
+#
+#   bash runs/miniseries.sh [series]        # GPU node: depths 12,14,...,26 at ratio 12, full CORE
+#   bash runs/miniseries.sh --cpu [series]  # CPU demo (also CPU=1): depths 1..4 at ratio 0.1, CORE on a
+#                                           # few items per task; ~10 min on 2 idle cores
+#
+# Time: GPU ~20 h on 8xH100 (d26 alone is ~4 h; the sum is ~2.6e20 FLOPs at ~45% MFU, plus evals);
+# CPU ~10 min (more on a busy machine). Runs already in the results folder are skipped.
+#
+# The series name (argument, else $SERIES_NAME, else today's date, e.g. jan11) names the results folder
+# $NANOCHAT_BASE_DIR/<series>_miniseries_results/<run>/{train.log,eval.log,base_train.json,base_eval.json}
+# and, at the end, table.md (markdown) and results.csv there (scripts/scaling_table.py). Each run also
+# leaves its checkpoint in base_checkpoints/<run>/ and overwrites report/base_train.json and
+# report/base_eval.json, so do not share a base dir with a run whose report you still need.
+#
+# Environment:
+#   NANOCHAT_BASE_DIR    where everything is written (default ~/.cache/nanochat)
+#   NANOCHAT_LOCAL_DATA  a local data folder (like ../shared/data): pretraining text, eval bundle; nothing
+#                        is downloaded. Unset: shards and the CORE bundle come from the internet.
+#   NPROC                GPUs per node for torchrun (default 8; ignored with --cpu)
+#   WANDB_RUN            wandb run name prefix (default dummy = no wandb); each run logs as <prefix>_d<depth>
+#   DEPTHS, RATIO        override the series, e.g. DEPTHS="10 12 14" RATIO=8
+#   CORE_CAP             CORE items per task (default: all on GPU, 8 on CPU; 0 skips CORE)
+#   SHARDS               pretraining shards to download when there are none (GPU default 400)
+#   SKIP_SETUP=1         do not run runs/setup.sh (use the python environment that is already active)
+set -euo pipefail
+
+usage() { sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'; }
+CPU=${CPU:-0}
+SERIES="${SERIES_NAME:-$(date +%b%d | tr '[:upper:]' '[:lower:]')}"
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --cpu) CPU=1; shift ;;
+        -h|--help) usage; exit 0 ;;
+        -*) echo "miniseries.sh: unknown option '$1' (see --help)" >&2; exit 2 ;;
+        *) SERIES="$1"; shift ;;
+    esac
+done
+if [ -n "${NANOCHAT_LOCAL_DATA:-}" ]; then
+    [ -d "$NANOCHAT_LOCAL_DATA" ] || { echo "miniseries.sh: NANOCHAT_LOCAL_DATA=$NANOCHAT_LOCAL_DATA is not a directory" >&2; exit 2; }
+    export NANOCHAT_LOCAL_DATA="$(cd "$NANOCHAT_LOCAL_DATA" && pwd)"
+fi
+cd "$(dirname "$0")/.."
+export NANOCHAT_BASE_DIR="${NANOCHAT_BASE_DIR:-$HOME/.cache/nanochat}"
+WANDB_RUN="${WANDB_RUN:-dummy}"
+NPROC="${NPROC:-8}"
+
+if [ "$CPU" = 1 ]; then
+    # Tiny models (width 64 * depth, heads of 64), 4,096-token steps, no torch.compile, short warmup.
+    # Ratio 0.1 is absurdly undertrained; it is what fits in minutes (d4 still takes ~2 min).
+    DEPTHS="${DEPTHS:-1 2 3 4}"
+    RATIO="${RATIO:-0.1}"
+    CORE_CAP="${CORE_CAP:-8}"
+    train_flags() { echo --head-dim=64 --max-seq-len=256 --device-batch-size=16 --total-batch-size=4096 --warmup-steps=5 \
+        --compile=off --eval-every=-1 --eval-tokens=65536; }
+    launch() { python -m "$@"; }
+else
+    DEPTHS="${DEPTHS:-12 14 16 18 20 22 24 26}"
+    RATIO="${RATIO:-12}"
+    CORE_CAP="${CORE_CAP:--1}"
+    # Rows per GPU that fit in 80 GB at 2,048 tokens (the optimizer step is the same either way).
+    train_flags() { local dbs=32; [ "$1" -ge 20 ] && dbs=16; [ "$1" -ge 28 ] && dbs=8; echo --device-batch-size=$dbs; }
+    launch() { torchrun --standalone --nproc_per_node="$NPROC" -m "$1" -- "${@:2}"; }
+fi
+RESULTS="$NANOCHAT_BASE_DIR/${SERIES}_miniseries_results"
+mkdir -p "$RESULTS"
+
+if [ "${SKIP_SETUP:-0}" != 1 ]; then
+    bash runs/setup.sh
+    # shellcheck disable=SC1091
+    source .venv/bin/activate
+fi
+
+# Shards and a tokenizer, unless this base dir already has them (e.g. from runcpu.sh or speedrun.sh).
+if ! ls "$NANOCHAT_BASE_DIR"/base_data/*.parquet > /dev/null 2>&1; then
+    if [ -n "${NANOCHAT_LOCAL_DATA:-}" ]; then
+        python -m nanochat.dataset import "$NANOCHAT_LOCAL_DATA/pretrain_text" --doc-chars 2000
+    elif [ "$CPU" = 1 ]; then
+        python -m nanochat.dataset download -n 1
+    else
+        python -m nanochat.dataset download -n "${SHARDS:-400}"
+    fi
+fi
+if [ ! -d "$NANOCHAT_BASE_DIR/tokenizer" ]; then
+    if [ "$CPU" = 1 ]; then
+        python -m scripts.tok_train --vocab-size 8192 --max-chars 20000000
+    else
+        python -m scripts.tok_train
+    fi
+fi
+
+for d in $DEPTHS; do
+    tag="${SERIES}_miniseries_d$d"
+    out="$RESULTS/$tag"
+    mkdir -p "$out"
+    run_name=dummy; [ "$WANDB_RUN" != dummy ] && run_name="${WANDB_RUN}_d$d"
+    if [ -f "$out/base_train.json" ]; then
+        echo "=== $tag: already trained, skipping"
+    else
+        echo "=== $tag: depth $d, tokens:params $RATIO"
+        # shellcheck disable=SC2046
+        launch scripts.base_train --depth="$d" --target-param-data-ratio="$RATIO" $(train_flags "$d") \
+            --sample-every=-1 --save-every=-1 --keep-checkpoints=1 --model-tag="$tag" --run="$run_name" \
+            2>&1 | tee "$out/train.log"
+        cp "$NANOCHAT_BASE_DIR/report/base_train.json" "$out/base_train.json"
+    fi
+    if [ "$CORE_CAP" != 0 ] && [ ! -f "$out/base_eval.json" ]; then
+        launch scripts.base_eval --model-tag="$tag" --eval=core --max-per-task="$CORE_CAP" 2>&1 | tee "$out/eval.log"
+        cp "$NANOCHAT_BASE_DIR/report/base_eval.json" "$out/base_eval.json"
+    fi
+done
+
+python -m scripts.scaling_table "$RESULTS" --title "Miniseries $SERIES: depths $DEPTHS at tokens:params $RATIO"

@@ -1,0 +1,116 @@
+#!/usr/bin/env bash
+# runs/runcpu.sh: the whole nanochat pipeline, tiny, on CPU (no GPU needed), as a smoke run and a demo.
+#
+#   tokenizer -> base pretraining (d4, 1M tokens) -> base_eval (bpb + CORE on the
+#   available tasks, a few items each) -> midtraining -> SFT -> chat_eval (small caps) -> report.md,
+#   then one sample chat. The model is tiny and barely trained: it speaks the chat format, not sense.
+#
+# Time: ~9 min on 2 idle CPU cores, 20-30 min when other jobs share them (every stage prints its wall time).
+# Run from anywhere (it cd's to the repo root):
+#
+#   bash runs/runcpu.sh                                    # online: downloads shards, eval data, ...
+#   NANOCHAT_LOCAL_DATA=../shared/data bash runs/runcpu.sh # offline, from a local data folder
+#   bash runs/runcpu.sh --local-data ../shared/data        # same as the line above
+#
+# Environment:
+#   NANOCHAT_BASE_DIR    where everything is written (default ~/.cache/nanochat): shards, tokenizer,
+#                        checkpoints, report/. Rerunning in the same dir starts the report afresh.
+#   NANOCHAT_LOCAL_DATA  a folder laid out like ../shared/data (pretrain_text/, eval_core/, eval_chat/,
+#                        chat_sft/, tokenizers/, misc/); when set nothing is downloaded. Unset: the real
+#                        sources are downloaded (1 ClimbMix shard + the val shard, the CORE bundle, the
+#                        chat eval sets, SmolTalk) and need internet access.
+#   WANDB_RUN            wandb run name for the training stages (default: dummy = no wandb)
+#   BASE_STEPS, MID_STEPS, SFT_STEPS  training steps (default 120, 80, 60); more = better chats, slower
+#   SKIP_SETUP=1         do not run runs/setup.sh (use the python environment that is already active)
+set -euo pipefail
+
+usage() { sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'; }
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --local-data) export NANOCHAT_LOCAL_DATA="$(cd "$2" && pwd)"; shift 2 ;;
+        --local-data=*) export NANOCHAT_LOCAL_DATA="$(cd "${1#*=}" && pwd)"; shift ;;
+        -h|--help) usage; exit 0 ;;
+        *) echo "runcpu.sh: unknown argument '$1' (see --help)" >&2; exit 2 ;;
+    esac
+done
+# Resolve a relative NANOCHAT_LOCAL_DATA before we cd, so ../shared/data means what the caller meant.
+if [ -n "${NANOCHAT_LOCAL_DATA:-}" ]; then
+    [ -d "$NANOCHAT_LOCAL_DATA" ] || { echo "runcpu.sh: NANOCHAT_LOCAL_DATA=$NANOCHAT_LOCAL_DATA is not a directory" >&2; exit 2; }
+    export NANOCHAT_LOCAL_DATA="$(cd "$NANOCHAT_LOCAL_DATA" && pwd)"
+fi
+cd "$(dirname "$0")/.."
+export NANOCHAT_BASE_DIR="${NANOCHAT_BASE_DIR:-$HOME/.cache/nanochat}"
+WANDB_RUN="${WANDB_RUN:-dummy}"
+mkdir -p "$NANOCHAT_BASE_DIR"
+
+# The tiny model: 4 layers of width 256 (4 heads of 64), 512-token context, 8,192-token vocabulary,
+# 8,192 tokens per optimizer step. Sized so the whole run stays under 30 minutes on 2 busy cores;
+# more steps help (300 base / 100 mid / 100 SFT steps end most sampled replies properly) but double it.
+DEPTH=4
+TAG=d$DEPTH
+SEQ=512
+BATCH=8192
+BASE_STEPS=${BASE_STEPS:-120}
+MID_STEPS=${MID_STEPS:-80}
+SFT_STEPS=${SFT_STEPS:-60}
+
+TIMINGS=()
+RUN_START=$SECONDS
+stage() {  # stage "name" command... : run it, print and remember its wall time
+    local name="$1"; shift
+    local t0=$SECONDS
+    echo; echo "=== [$name] $*"
+    "$@"
+    local dt=$((SECONDS - t0))
+    TIMINGS+=("$(printf '%-22s %4dm%02ds' "$name" $((dt / 60)) $((dt % 60)))")
+    echo "=== [$name] done in ${dt}s"
+}
+
+if [ "${SKIP_SETUP:-0}" != 1 ]; then
+    stage setup bash runs/setup.sh
+    # shellcheck disable=SC1091
+    source .venv/bin/activate
+fi
+
+stage report-reset python -m nanochat.report reset
+
+# Pretraining text: the local folder cut into small documents and shards, or one real shard (+ val).
+if [ -n "${NANOCHAT_LOCAL_DATA:-}" ]; then
+    stage data python -m nanochat.dataset import "$NANOCHAT_LOCAL_DATA/pretrain_text" --doc-chars 2000 --overwrite
+else
+    stage data python -m nanochat.dataset download -n 1
+fi
+
+stage tok_train python -m scripts.tok_train --vocab-size 8192 --max-chars 20000000
+stage tok_eval python -m scripts.tok_eval --max-chars 200000
+
+# 10 warmup steps instead of 40: the run is only 120 steps long.
+stage base_train python -m scripts.base_train --depth=$DEPTH --head-dim=64 --max-seq-len=$SEQ \
+    --device-batch-size=16 --total-batch-size=$BATCH --num-iterations=$BASE_STEPS --warmup-steps=10 \
+    --eval-every=-1 --eval-tokens=65536 --sample-every=-1 --run="$WANDB_RUN"
+stage base_eval python -m scripts.base_eval --model-tag=$TAG --max-per-task=8 --split-tokens=32768 \
+    --device-batch-size=16 --num-unconditioned=1
+
+stage mid_train python -m scripts.mid_train --model-tag=$TAG --num-iterations=$MID_STEPS \
+    --eval-every=-1 --eval-tokens=32768 --val-size=100 --run="$WANDB_RUN"
+stage chat_sft python -m scripts.chat_sft --model-tag=$TAG --num-iterations=$SFT_STEPS \
+    --eval-every=-1 --eval-tokens=32768 --val-size=100 --run="$WANDB_RUN"
+
+# Multiple choice is one forward pass per problem (cheap); generation is slow on CPU, so fewer
+# problems and shorter replies there. Both runs land in the same report/chat_eval_sft.json.
+stage chat_eval_mc python -m scripts.chat_eval -i sft -g $TAG -a "ARC-Easy|ARC-Challenge|MMLU" -x 100 --no-progress
+stage chat_eval_gen python -m scripts.chat_eval -i sft -g $TAG -a "GSM8K|HumanEval|SpellingBee" -x 8 -m 96 --no-progress
+
+stage report python -m nanochat.report generate
+stage sample_chat python -m scripts.chat_cli -g $TAG -p "Hi! Who are you?" -m 64
+
+total=$((SECONDS - RUN_START))
+echo
+echo "Stage wall times:"
+printf '  %s\n' "${TIMINGS[@]}"
+printf '  %-22s %4dm%02ds\n' "TOTAL" $((total / 60)) $((total % 60))
+echo
+echo "Report: $NANOCHAT_BASE_DIR/report/report.md (copied to ./report.md)"
+echo "Chat with the model (NANOCHAT_BASE_DIR=$NANOCHAT_BASE_DIR, venv active):"
+echo "  python -m scripts.chat_cli            # in the terminal"
+echo "  python -m scripts.chat_web            # then open http://127.0.0.1:8000"

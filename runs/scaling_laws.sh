@@ -1,0 +1,117 @@
+#!/usr/bin/env bash
+# runs/scaling_laws.sh: a scaling-law sweep. For each FLOPs budget, train base models of several depths
+# for exactly that many FLOPs (base_train --target-flops), measure val bpb (at the end of training) and
+# CORE (base_eval), and collect everything into one table: for each budget, the depth with the lowest
+# bpb is the compute-optimal model size, and its tokens/param the optimal data:params ratio.
+#
+#   bash runs/scaling_laws.sh            # GPU node: budgets 1e18..1e19, depths 10..20, full CORE
+#   bash runs/scaling_laws.sh --cpu      # CPU demo (also CPU=1): budgets 1e12 and 4e12, depths 1..4,
+#                                        # CORE on a few items per task; ~10-15 min on 2 idle cores
+#
+# Time: GPU ~10 h on 8xH100 (24 runs, 1.1e20 FLOPs in all at ~45% MFU, plus 24 full CORE evals); CPU ~10-15 min (more on a busy
+# machine). Runs already in the results folder are skipped, so an interrupted sweep resumes.
+#
+# Writes $NANOCHAT_BASE_DIR/scaling_laws_results_<label>/<run>/{train.log,eval.log,base_train.json,
+# base_eval.json} and, at the end, table.md (markdown) and results.csv there (scripts/scaling_table.py).
+# Each run also leaves its checkpoint in base_checkpoints/<run>/ and overwrites report/base_train.json
+# and report/base_eval.json, so do not share a base dir with a run whose report you still need.
+#
+# Environment:
+#   NANOCHAT_BASE_DIR    where everything is written (default ~/.cache/nanochat)
+#   NANOCHAT_LOCAL_DATA  a local data folder (like ../shared/data): pretraining text, eval bundle; nothing
+#                        is downloaded. Unset: shards and the CORE bundle come from the internet.
+#   NPROC                GPUs per node for torchrun (default 8; ignored with --cpu)
+#   WANDB_RUN            wandb run name prefix (default dummy = no wandb); each run logs as <prefix>_<run>
+#   LABEL                names the results folder (default: gpu or cpu)
+#   BUDGETS, DEPTHS      override the sweep, e.g. BUDGETS="1e18 3e18" DEPTHS="8 10 12"
+#   CORE_CAP             CORE items per task (default: all on GPU, 8 on CPU; 0 skips CORE)
+#   SHARDS               pretraining shards to download when there are none (GPU default 400)
+#   SKIP_SETUP=1         do not run runs/setup.sh (use the python environment that is already active)
+set -euo pipefail
+
+usage() { sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'; }
+CPU=${CPU:-0}
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --cpu) CPU=1; shift ;;
+        -h|--help) usage; exit 0 ;;
+        *) echo "scaling_laws.sh: unknown argument '$1' (see --help)" >&2; exit 2 ;;
+    esac
+done
+if [ -n "${NANOCHAT_LOCAL_DATA:-}" ]; then
+    [ -d "$NANOCHAT_LOCAL_DATA" ] || { echo "scaling_laws.sh: NANOCHAT_LOCAL_DATA=$NANOCHAT_LOCAL_DATA is not a directory" >&2; exit 2; }
+    export NANOCHAT_LOCAL_DATA="$(cd "$NANOCHAT_LOCAL_DATA" && pwd)"
+fi
+cd "$(dirname "$0")/.."
+export NANOCHAT_BASE_DIR="${NANOCHAT_BASE_DIR:-$HOME/.cache/nanochat}"
+WANDB_RUN="${WANDB_RUN:-dummy}"
+NPROC="${NPROC:-8}"
+
+if [ "$CPU" = 1 ]; then
+    # Tiny models (width 64 * depth, heads of 64), 4,096-token steps, no torch.compile (its start-up
+    # cost is larger than these runs), a short warmup. FLOPs per token are dominated by lm_head here.
+    LABEL="${LABEL:-cpu}"
+    BUDGETS="${BUDGETS:-1e12 4e12}"
+    DEPTHS="${DEPTHS:-1 2 3 4}"
+    CORE_CAP="${CORE_CAP:-8}"
+    TRAIN_FLAGS=(--head-dim=64 --max-seq-len=256 --device-batch-size=16 --total-batch-size=4096 --warmup-steps=5
+                 --compile=off --eval-every=-1 --eval-tokens=65536)
+    launch() { python -m "$@"; }
+else
+    LABEL="${LABEL:-gpu}"
+    BUDGETS="${BUDGETS:-1e18 2.15e18 4.64e18 1e19}"
+    DEPTHS="${DEPTHS:-10 12 14 16 18 20}"
+    CORE_CAP="${CORE_CAP:--1}"
+    TRAIN_FLAGS=(--device-batch-size=16 --eval-every=-1 --eval-tokens=52428800)
+    launch() { torchrun --standalone --nproc_per_node="$NPROC" -m "$1" -- "${@:2}"; }
+fi
+RESULTS="$NANOCHAT_BASE_DIR/scaling_laws_results_$LABEL"
+mkdir -p "$RESULTS"
+
+if [ "${SKIP_SETUP:-0}" != 1 ]; then
+    bash runs/setup.sh
+    # shellcheck disable=SC1091
+    source .venv/bin/activate
+fi
+
+# Shards and a tokenizer, unless this base dir already has them (e.g. from runcpu.sh or speedrun.sh).
+if ! ls "$NANOCHAT_BASE_DIR"/base_data/*.parquet > /dev/null 2>&1; then
+    if [ -n "${NANOCHAT_LOCAL_DATA:-}" ]; then
+        python -m nanochat.dataset import "$NANOCHAT_LOCAL_DATA/pretrain_text" --doc-chars 2000
+    elif [ "$CPU" = 1 ]; then
+        python -m nanochat.dataset download -n 1
+    else
+        python -m nanochat.dataset download -n "${SHARDS:-400}"
+    fi
+fi
+if [ ! -d "$NANOCHAT_BASE_DIR/tokenizer" ]; then
+    if [ "$CPU" = 1 ]; then
+        python -m scripts.tok_train --vocab-size 8192 --max-chars 20000000
+    else
+        python -m scripts.tok_train
+    fi
+fi
+
+for budget in $BUDGETS; do
+    for d in $DEPTHS; do
+        tag="sl_${LABEL}_f${budget}_d${d}"
+        out="$RESULTS/$tag"
+        mkdir -p "$out"
+        run_name=dummy; [ "$WANDB_RUN" != dummy ] && run_name="${WANDB_RUN}_$tag"
+        if [ -f "$out/base_train.json" ]; then
+            echo "=== $tag: already trained, skipping"
+        else
+            echo "=== $tag: depth $d, $budget FLOPs"
+            launch scripts.base_train --depth="$d" --target-flops="$budget" "${TRAIN_FLAGS[@]}" \
+                --sample-every=-1 --save-every=-1 --keep-checkpoints=1 --model-tag="$tag" --run="$run_name" \
+                2>&1 | tee "$out/train.log"
+            cp "$NANOCHAT_BASE_DIR/report/base_train.json" "$out/base_train.json"
+        fi
+        if [ "$CORE_CAP" != 0 ] && [ ! -f "$out/base_eval.json" ]; then
+            launch scripts.base_eval --model-tag="$tag" --eval=core --max-per-task="$CORE_CAP" 2>&1 | tee "$out/eval.log"
+            cp "$NANOCHAT_BASE_DIR/report/base_eval.json" "$out/base_eval.json"
+        fi
+    done
+done
+
+python -m scripts.scaling_table "$RESULTS" --title "Scaling laws ($LABEL): val bpb and CORE per FLOPs budget and depth"
