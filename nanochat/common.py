@@ -38,10 +38,12 @@ def run_cli(main):
 # -----------------------------------------------------------------------------
 # Files
 
-def get_base_dir():
-    """Everything a run writes lives here (tokenizer, shards, checkpoints, reports)."""
+def get_base_dir(create=True):
+    """Everything a run writes lives here (tokenizer, shards, checkpoints, reports). create=False for
+    paths that are only read, so that a look (--dry-run, --help) leaves nothing behind."""
     base = os.environ.get("NANOCHAT_BASE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "nanochat")
-    os.makedirs(base, exist_ok=True)
+    if create:
+        os.makedirs(base, exist_ok=True)
     return base
 
 

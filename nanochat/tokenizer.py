@@ -434,7 +434,7 @@ class Tokenizer:
 # -----------------------------------------------------------------------------
 
 def get_tokenizer_dir():
-    return os.path.join(get_base_dir(), "tokenizer")
+    return os.path.join(get_base_dir(create=False), "tokenizer")  # Tokenizer.save makes it
 
 
 def get_tokenizer():
