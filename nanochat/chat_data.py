@@ -14,7 +14,8 @@ PackedBatcher (midtraining) packs whole conversations into rows of T+1 tokens, B
   each row starts with a conversation (which starts with <|bos|>) and repeatedly takes the largest
   buffered conversation that still fits entirely; when none fits, the rest of the row is padding
   (<|bos|> inputs, -1 targets). A conversation is never cropped to fill a row (upstream bug #11);
-  only one longer than a whole row is truncated to T+1 tokens, and counted. Like
+  only one longer than a whole row is truncated (after its last whole turn that fits, see render_row),
+  and counted. Like
   nanochat/dataloader.py, rows come from R independent streams (R = rows per optimizer step); stream
   j takes conversations j, j+R, j+2R, ... of the (shuffled) mixture, so a step's global batch does not
   depend on the number of ranks, and rank r of W builds only its own streams' rows.
@@ -34,11 +35,24 @@ import torch
 
 
 def render_row(tokenizer, conversation, capacity):
-    """(ids, mask, truncated): the rendered conversation, cut to `capacity` tokens if longer."""
+    """(ids, mask, cut): the rendered conversation, and how it was cut to fit `capacity` tokens:
+    None (it fits), "turn" (after its last whole assistant turn that fits: every reply kept still ends
+    with <|assistant_end|>), or "reply" (even its first reply does not fit: cut inside it, so the model
+    sees a reply that never ends; count these, or drop them with drop_overlong)."""
     ids, mask = tokenizer.render_conversation(conversation)
-    if len(ids) > capacity:
-        return ids[:capacity], mask[:capacity], True
-    return ids, mask, False
+    if len(ids) <= capacity:
+        return ids, mask, None
+    end = tokenizer.encode_special("<|assistant_end|>")
+    for i in range(capacity - 1, 0, -1):
+        if ids[i] == end and mask[i]:
+            return ids[:i + 1], mask[:i + 1], "turn"
+    return ids[:capacity], mask[:capacity], "reply"
+
+
+def count_cut(stats, cut):
+    stats["conversations"] += 1
+    stats["truncated"] += cut is not None
+    stats["cut_mid_reply"] += cut == "reply"
 
 
 def rows_to_batch(rows, pad_id, length=None, device="cpu"):
@@ -64,8 +78,9 @@ def rows_to_batch(rows, pad_id, length=None, device="cpu"):
 
 def new_stats():
     """Counters a batcher reports per step (summed across ranks by the training loop): conversations
-    taken from the mixture, how many were truncated, rows built, their tokens, of which padding."""
-    return {"conversations": 0, "truncated": 0, "rows": 0, "row_tokens": 0, "pad_tokens": 0}
+    taken from the mixture, how many were truncated (at a turn boundary or, cut_mid_reply, inside
+    their first reply), rows built, their tokens, of which padding."""
+    return {"conversations": 0, "truncated": 0, "cut_mid_reply": 0, "rows": 0, "row_tokens": 0, "pad_tokens": 0}
 
 
 def _check_batch(B, world_size, rows_per_step):
@@ -93,10 +108,11 @@ class _Subset:
 
 
 def drop_overlong(task, tokenizer, capacity):
-    """(conversations of `task` that render to at most `capacity` tokens, how many were dropped). For a
-    model with a short context: a truncated reply never shows its <|assistant_end|>, so training on
-    many of them teaches the model to talk until the context is full. Renders every conversation once."""
-    keep = [i for i in range(len(task)) if len(tokenizer.render_conversation(task[i])[0]) <= capacity]
+    """(conversations of `task` whose first reply fits in `capacity` tokens, how many were dropped). For
+    a model with a short context: a reply cut inside never shows its <|assistant_end|>, so training on
+    many of them teaches the model to talk until the context is full (longer conversations that do
+    keep a whole turn are cut after it, see render_row). Renders every conversation once."""
+    keep = [i for i in range(len(task)) if render_row(tokenizer, task[i], capacity)[2] != "reply"]
     return _Subset(task, keep), len(task) - len(keep)
 
 
@@ -125,10 +141,9 @@ class PackedBatcher:
             self._load(resume_state)
 
     def _take(self, g, stats):
-        ids, mask, truncated = render_row(self.tok, self.dataset[g % self.N], self.T + 1)
+        ids, mask, cut = render_row(self.tok, self.dataset[g % self.N], self.T + 1)
         self._rendered[g] = (ids, mask)
-        stats["conversations"] += 1
-        stats["truncated"] += int(truncated)
+        count_cut(stats, cut)
 
     def _row(self, j, stats):
         cap = self.T + 1
@@ -196,7 +211,8 @@ class PackedBatcher:
 
 class PaddedBatcher:
     """Yields each optimizer step's micro-batches of (inputs, targets) for this rank, one conversation
-    per row. Rows are at most T+1 tokens (longer conversations are truncated and counted); inputs are
+    per row. Rows are at most T+1 tokens (longer conversations are truncated, see render_row, and
+    counted); inputs are
     as wide as the longest row of the micro-batch minus one, or exactly T with fixed_length=True."""
 
     def __init__(self, dataset, tokenizer, B, T, rows_per_step=None, rank=0, world_size=1, device="cpu",
@@ -227,10 +243,9 @@ class PaddedBatcher:
         for a in range(0, len(offsets), self.B):
             rows = []
             for k in offsets[a:a + self.B]:
-                ids, mask, truncated = render_row(self.tok, self.dataset[(self.next + k) % self.N], self.T + 1)
+                ids, mask, cut = render_row(self.tok, self.dataset[(self.next + k) % self.N], self.T + 1)
                 rows.append((ids, mask))
-                stats["conversations"] += 1
-                stats["truncated"] += int(truncated)
+                count_cut(stats, cut)
             L = self.T + 1 if self.fixed_length else max(len(ids) for ids, _ in rows)
             stats["rows"] += len(rows)
             stats["row_tokens"] += L * len(rows)

@@ -3,7 +3,8 @@ Midtraining: continue the base model on a large mixture of conversations so it l
 multiple choice, tool use (python calls in GSM8K solutions and letter counting), its identity and
 spelling. Rows are packed: whole conversations, BOS-aligned best fit, the tail of a row padded, never
 a conversation cropped to fill a row (nanochat/chat_data.PackedBatcher); one longer than a whole row is
-truncated and counted, or dropped up front with --overlong=drop. Loss on assistant tokens only.
+truncated after its last whole turn that fits and counted (one whose first reply does not fit can be
+dropped up front with --overlong=drop). Loss on assistant tokens only.
 
     python -m scripts.mid_train --model-tag=d20          # one epoch of the mixture
     python -m scripts.mid_train --model-tag=d4 --num-iterations=300 --smoltalk-size=20000

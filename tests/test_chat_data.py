@@ -172,20 +172,38 @@ def test_truncation_is_counted(tok):
     long = {"messages": [{"role": "user", "content": "word " * 300}, {"role": "assistant", "content": "ok " * 300}]}
     short = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
     ids, mask, cut = render_row(tok, long, 65)
-    assert cut and len(ids) == len(mask) == 65
-    assert render_row(tok, short, 65)[2] is False
+    assert cut == "reply" and len(ids) == len(mask) == 65  # even the first reply does not fit
+    assert render_row(tok, short, 65)[2] is None
     batcher = PaddedBatcher(ListTask([long, short]), tok, B=2, T=64)
     (x, y), = batcher.next_step()[0]
     assert batcher.state_dict()["next"] == 2
     stats = PaddedBatcher(ListTask([long, short]), tok, B=2, T=64).next_step()[1]
-    assert stats["truncated"] == 1 and stats["conversations"] == 2
+    assert stats["truncated"] == stats["cut_mid_reply"] == 1 and stats["conversations"] == 2
     assert x.shape == (2, 64)  # padded to the longest row (the truncated one: T+1 tokens)
 
 
-def test_drop_overlong_keeps_only_whole_conversations(tok):
+def test_truncation_keeps_whole_turns(tok):
+    """A multi-turn conversation too long for a row is cut after its last whole assistant turn that
+    fits: every reply the model learns from still ends with <|assistant_end|>."""
+    end = tok.encode_special("<|assistant_end|>")
+    turns = [("user", "q one"), ("assistant", "short answer one"), ("user", "q two"), ("assistant", "two " * 10),
+             ("user", "q three"), ("assistant", "three " * 200)]
+    conv = {"messages": [{"role": r, "content": c} for r, c in turns]}
+    full, full_mask = tok.render_conversation(conv)
+    two = tok.render_conversation({"messages": conv["messages"][:4]})[0]
+    ids, mask, cut = render_row(tok, conv, len(two) + 20)  # room for two whole turns, not the third
+    assert cut == "turn" and ids == two and ids[-1] == end and mask == full_mask[:len(two)]
+    (x, y), = PaddedBatcher(ListTask([conv]), tok, B=1, T=len(two) + 19).next_step()[0]
+    assert loss_tokens(y).count(end) == 2 and loss_tokens(y)[-1] == end
+    stats = PaddedBatcher(ListTask([conv]), tok, B=1, T=len(two) + 19).next_step()[1]
+    assert stats["truncated"] == 1 and stats["cut_mid_reply"] == 0
+
+
+def test_drop_overlong_keeps_conversations_with_a_whole_turn(tok):
     convs = synthetic(40, seed=3)
     lengths = [len(tok.render_conversation(c)[0]) for c in convs]
     kept, dropped = drop_overlong(ListTask(convs), tok, 65)
+    # single-turn conversations: a long one has no whole turn that fits, so it is dropped
     assert [c for c in kept] == [c for c, n in zip(convs, lengths) if n <= 65]
     assert dropped == sum(n > 65 for n in lengths) > 0 and len(kept) + dropped == 40
     stats = PaddedBatcher(kept, tok, B=4, T=64).next_step()[1]

@@ -196,7 +196,7 @@ def test_mid_then_sft_then_rl(chat_env, monkeypatch):
     chat_sft.main([*SMALL, "--num-iterations=2", "--chat-eval-examples=2", "--overlong=drop"])  # default source: mid
     r = read_report(chat_env, "chat_sft")
     assert r["parent"]["source"] == "mid" and r["step"] == 2 and r["stage"] == "sft"
-    assert r["mixture"]["dropped_overlong"] > 0 and r["truncated_conversations"] == 0
+    assert r["mixture"]["dropped_overlong"] > 0 and r["cut_mid_reply_conversations"] == 0
     assert r["train_conversations"] == sum(v for k, v in r["mixture"].items() if k != "dropped_overlong") - r["mixture"]["dropped_overlong"]
     # generation checks before/after: 2 held-out prompts (no SmolTalk: from the validation mixture)
     assert [e["step"] for e in r["chat_evals"]] == [0, 2]
