@@ -22,9 +22,11 @@ cross-entropy is divided by the number of assistant targets in the whole optimiz
 micro-batches, all ranks), so a micro-batch with few assistant tokens is not over-weighted, and one with
 none contributes exactly zero loss and zero gradient (never NaN).
 
-Conversations longer than a row are truncated and counted; --overlong=drop leaves them out instead,
-which a short-context model needs: a truncated reply never shows its <|assistant_end|> (measured with
-d4 at 256 tokens: greedy turn ends on held-out chat prompts 16% after SFT with truncation, 60% with drop).
+Conversations longer than a row are truncated after their last whole assistant turn that fits, so the
+replies kept still end with <|assistant_end|>; one whose first reply alone is too long is cut inside it.
+Both are counted in the log ("cut mid-reply" separately). --overlong=drop leaves the latter out
+instead, which a short-context model needs: a reply cut inside never shows its end, and many of them
+teach the model to talk until the context is full.
 
 With --chat-eval-examples N the model also writes greedy replies through the Engine before and after
 training: the share of N held-out chat prompts whose reply ends with <|assistant_end|> (does it know
@@ -54,7 +56,7 @@ from nanochat.optim import lr_multiplier, muon_momentum
 from nanochat.checkpoint import (save_checkpoint, load_checkpoint, resolve_checkpoint, check_tokenizer, stage_dir,
                                  CheckpointError)
 from nanochat.chat_data import PackedBatcher, PaddedBatcher, new_stats, drop_overlong
-from scripts.base_train import B_REF, _interrupt
+from scripts.base_train import batch_lr_scale, _interrupt
 from tasks.common import DataUnavailableError
 
 # Where each stage's loop reads its defaults from; report names follow the script names.
@@ -66,7 +68,7 @@ STAGES = {
     "sft": {"report": "chat_sft", "source": "mid", "sources": ("mid", "base"), "packed": False,
             "init_lr_frac": 0.8, "warmdown_ratio": 0.5, "eval_every": 100,
             "mmlu_epochs": 0, "arc_epochs": 1, "gsm8k_epochs": 1, "smoltalk_size": 10000, "identity_size": 1000,
-            "spelling_size": 300, "wandb": "nanochat-sft"},
+            "spelling_size": 2000, "wandb": "nanochat-sft"},
 }
 # Flags that only steer this invocation; everything else is restored from the checkpoint on --resume.
 RUN_CONTROL = ("resume", "max_steps_this_run", "save_every", "keep_checkpoints", "eval_every", "device_type", "run",
@@ -85,9 +87,9 @@ def get_args(stage, argv=None, description=__doc__):
     g.add_argument("--resume", action="store_true", help="continue exactly from this stage's latest checkpoint of the tag (all other settings come from it)")
     g = p.add_argument_group("batch and horizon (unset = inherited from the starting checkpoint)")
     g.add_argument("--num-iterations", type=int, default=-1, help="optimizer steps; -1 = one epoch of the mixture")
-    g.add_argument("--max-seq-len", type=int, default=None, help="row length in tokens; longer conversations are truncated (and counted), or dropped with --overlong=drop")
-    g.add_argument("--overlong", choices=["truncate", "drop"], default="truncate", help="conversations longer than a row: truncate them (counted in the log), or drop them from "
-                   "the mixture up front (counted; renders the whole mixture once) so that every reply trained on shows its end, which a short-context model needs to learn to stop")
+    g.add_argument("--max-seq-len", type=int, default=None, help="row length in tokens; longer conversations are truncated after their last whole turn that fits (and counted)")
+    g.add_argument("--overlong", choices=["truncate", "drop"], default="truncate", help="conversations whose first reply does not fit in a row: truncate them inside it (counted in the log), or drop them "
+                   "from the mixture up front (counted; renders the whole mixture once) so that every reply trained on shows its end, which a short-context model needs to learn to stop")
     g.add_argument("--device-batch-size", type=int, default=None, help="rows per forward pass per device")
     g.add_argument("--total-batch-size", type=int, default=None, help="tokens per optimizer step across ranks (rows per step = this / max seq len)")
     g = p.add_argument_group("optimization (unset learning rates = the starting checkpoint's, rescaled to this batch)")
@@ -324,7 +326,7 @@ def run(stage, argv=None, description=__doc__):
     grad_accum = R // (b * rt.world_size)
     if T > config.sequence_len:
         print0(f"WARNING: --max-seq-len {T} is longer than the model's training context {config.sequence_len}")
-    lr_scale = (args.total_batch_size / B_REF) ** 0.5  # base_train's LR transfer rule
+    lr_scale = batch_lr_scale(args.total_batch_size)  # base_train's LR transfer rule
     optimizer = model.setup_optimizer(
         unembedding_lr=args.unembedding_lr * lr_scale * args.init_lr_frac,
         embedding_lr=args.embedding_lr * lr_scale * args.init_lr_frac,
@@ -348,9 +350,9 @@ def run(stage, argv=None, description=__doc__):
         t0 = time.time()
         train_task, dropped = drop_overlong(train_task, tokenizer, T + 1)
         mixture["dropped_overlong"] = dropped
-        print0(f"--overlong=drop: dropped {dropped:,} conversations longer than {T + 1} tokens ({time.time() - t0:.0f}s)")
+        print0(f"--overlong=drop: dropped {dropped:,} conversations whose first reply ends beyond {T + 1} tokens ({time.time() - t0:.0f}s)")
         if len(train_task) == 0:
-            raise SystemExit(f"every conversation is longer than --max-seq-len {T} + 1 tokens: raise it or use --overlong=truncate")
+            raise SystemExit(f"no conversation's first reply fits in --max-seq-len {T} + 1 tokens: raise it or use --overlong=truncate")
     print0(f"Mixture: {len(train_task):,} conversations: " + json.dumps(mixture))
     print0(f"Validation: {len(val_task):,} conversations")
 
@@ -383,6 +385,8 @@ def run(stage, argv=None, description=__doc__):
     loop = meta["loop_state"] if args.resume else {
         "step": 0, "losses": [], "val_history": [], "data": new_stats(), "valid_targets": 0, "tokens": 0,
         "timed_tokens": 0, "skipped_steps": 0, "total_training_time": 0.0}
+    for k, v in new_stats().items():  # counters added since the checkpoint was written start at 0
+        loop["data"].setdefault(k, v)
     loop.setdefault("chat_evals", [])
     gen_sets = None
     if args.chat_eval_examples > 0:
@@ -444,9 +448,6 @@ def run(stage, argv=None, description=__doc__):
             row.update(spelling_count=passed / max(1, n), spelling_count_problems=n)
             msg += f" | SpellingBee letter count {passed}/{n} held-out words"
         model.train()
-        # The engine may have run the model itself (fp32 compute) and cached rotary tables under
-        # no_grad; drop them so training builds its own (as chat_rl does after its rollouts).
-        model._rope_cache.clear()
         loop["chat_evals"].append(row)
         print0(f"Step {step:05d} | {msg} ({time.time() - t0:.0f}s)")
 
@@ -510,7 +511,7 @@ def run(stage, argv=None, description=__doc__):
             pad = loop["data"]["pad_tokens"] / max(1, loop["data"]["row_tokens"])
             print0(f"step {step:05d}{f'/{N:05d}' if N else ''} ({100 * progress(step):.1f}%) | loss {'skipped (no assistant tokens)' if train_loss is None else f'{train_loss:.4f}'} | "
                    f"lrm {lrm:.3f} | dt {dt * 1000:.0f}ms | tok/s {tok_per_sec:,.0f} | mfu {100 * mfu:.1f}% | "
-                   f"truncated {loop['data']['truncated']}/{loop['data']['conversations']} | pad {100 * pad:.0f}%")
+                   f"truncated {loop['data']['truncated']}/{loop['data']['conversations']} ({loop['data']['cut_mid_reply']} mid-reply) | pad {100 * pad:.0f}%")
             if step % 10 == 0:
                 wandb.log({"step": step, "train/loss": train_loss, "train/lrm": lrm, "train/tok_per_sec": tok_per_sec,
                            "train/mfu": mfu, "train/truncated": loop["data"]["truncated"]})
@@ -534,6 +535,7 @@ def run(stage, argv=None, description=__doc__):
             "train_conversations": len(train_task), "epochs": d["conversations"] / len(train_task),
             "rows_per_step": R, "max_seq_len": T, "tokens": loop["tokens"], "assistant_tokens": loop["valid_targets"],
             "conversations": d["conversations"], "truncated_conversations": d["truncated"],
+            "cut_mid_reply_conversations": d["cut_mid_reply"],
             "padding_fraction": d["pad_tokens"] / max(1, d["row_tokens"]), "skipped_steps": loop["skipped_steps"],
             "val_loss": loop["val_history"][-1][1] if loop["val_history"] else None,
             "initial_val_loss": loop["val_history"][0][1] if loop["val_history"] else None,
@@ -547,7 +549,7 @@ def run(stage, argv=None, description=__doc__):
         }
         path = write_report_json(S["report"], report)
         print0(f"Done: val loss {report['initial_val_loss']:.4f} -> {report['val_loss']:.4f}, "
-               f"{d['truncated']} of {d['conversations']} conversations truncated. Report: {path}")
+               f"{d['truncated']} of {d['conversations']} conversations truncated ({d['cut_mid_reply']} inside their first reply). Report: {path}")
         if len(ce) > 1:
             print0(f"Turn ends with <|assistant_end|>: {ce[0]['turn_end']:.1%} -> {ce[-1]['turn_end']:.1%}" +
                    (f"; SpellingBee letter count: {ce[0]['spelling_count']:.1%} -> {ce[-1]['spelling_count']:.1%}"
