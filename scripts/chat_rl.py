@@ -34,7 +34,7 @@ from nanochat.gpt import GPTConfig, build_model
 from nanochat.checkpoint import (save_checkpoint, load_checkpoint, resolve_checkpoint, check_tokenizer, stage_dir,
                                  CheckpointError)
 from nanochat.chat_data import rows_to_batch
-from scripts.base_train import B_REF, _interrupt
+from scripts.base_train import B_REF, batch_lr_scale, _interrupt
 
 RUN_CONTROL = ("resume", "max_steps_this_run", "save_every", "keep_checkpoints", "eval_every", "device_type", "run")
 
@@ -160,7 +160,7 @@ def main(argv=None):
             state, meta, optim_shards, _ = load_checkpoint(pdir, pstep)
             parent = {"source": args.source, "tag": os.path.basename(pdir), "step": pstep, "dir": pdir}
             pargs = meta.get("train_args", {})
-            scale = ((meta.get("total_batch_size") or B_REF) / B_REF) ** 0.5
+            scale = batch_lr_scale(meta.get("total_batch_size") or B_REF)
             defaults = {"embedding_lr": 0.3, "unembedding_lr": 0.008, "matrix_lr": 0.02, "scalar_lr": 0.5}
             for k, v in defaults.items():
                 if getattr(args, k) is None:
@@ -258,9 +258,6 @@ def main(argv=None):
                 advantages += [x - mean for x in r]
                 rewards += r
             model.train()
-            # When the engine ran the model itself (fp32 compute), the rotary tables it cached are
-            # inference-mode tensors that autograd refuses; drop them so training rebuilds its own.
-            model._rope_cache.clear()
             sampled = [sum(m[1:]) for _, m in rows]  # targets that carry loss: sampled tokens only
             counts = torch.tensor([sum(sampled), sum(a != 0 for a in advantages), sum(rewards), len(rewards)],
                                   dtype=torch.float64, device=rt.device)
