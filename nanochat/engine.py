@@ -148,7 +148,8 @@ def _packed_linear_forward(module, x):
 
 def _packed_qkv(attn, x):
     """CausalSelfAttention.project_qkv as one prepacked matmul over [W_q; W_k; W_v]: one call
-    instead of three, which at batch 1 is most of the cost of these small matrices."""
+    instead of three, which at batch 1 is most of the cost of these small matrices, and no copy to put
+    q and k side by side."""
     ws = (attn.c_q.weight, attn.c_k.weight, attn.c_v.weight)
     if (x.dtype != torch.bfloat16 or ws[0].dtype != torch.bfloat16 or x.device.type != "cpu"
             or (torch.is_grad_enabled() and ws[0].requires_grad)):
@@ -158,7 +159,7 @@ def _packed_qkv(attn, x):
         attn.qkv_packed = torch.ops.mkldnn._reorder_linear_weight(torch.cat(ws).detach(), 1)
         attn.qkv_version = versions
     y = torch.ops.mkldnn._linear_pointwise(x, attn.qkv_packed, None, "none", [], "")
-    return y.split([w.size(0) for w in ws], dim=-1)
+    return y.split([ws[0].size(0) + ws[1].size(0), ws[2].size(0)], dim=-1)
 
 
 def pack_linears(model):
@@ -200,9 +201,9 @@ def last_logits(model, ids, kv_cache):
     """fp32 softcapped logits (B, V) of the last position only. The prefill of a long prompt would
     otherwise project every position onto the vocabulary and throw all but one away."""
     x = model.trunk(ids, kv_cache)[:, -1]
-    logits = model.lm_head(x).float()
+    logits = model.lm_head(x).float()  # a new tensor (the projection is in the compute dtype): safe to modify
     c = model.config.softcap
-    return c * torch.tanh(logits / c) if c > 0 else logits
+    return logits.div_(c).tanh_().mul_(c) if c > 0 else logits
 
 
 def sample_next(logits, rng, temperature=1.0, top_k=None, top_p=None):
@@ -394,9 +395,9 @@ class Engine:
         n_new = limit - len(tokens) if max_tokens is None else min(max_tokens, limit - len(tokens))
         return self._generate(tokens, num_samples, n_new, temperature, top_k, top_p, seed)
 
-    # no_grad rather than inference_mode: tensors the model caches during a forward (its rotary
-    # tables) must stay usable by autograd, because RL trains the same model between generations.
-    @torch.no_grad()
+    # inference_mode (cheaper per op than no_grad: no version counters, no view tracking); the one
+    # tensor a forward caches on the model, its rotary tables, is built outside it (GPT.rotary).
+    @torch.inference_mode()
     def _generate(self, tokens, num_samples, n_new, temperature, top_k, top_p, seed):
         if n_new == 0:
             return

@@ -118,7 +118,9 @@ def attention(q, k, v, window, pos):
     """
     Tq, Tk = q.size(1), k.size(1)
     if _fa3_func is not None and q.is_cuda and q.dtype == torch.bfloat16 and pos == 0 and Tq == Tk:
-        out = _fa3_func(q, k, v, causal=True, window_size=(window if window else -1, 0))
+        # FA3's left window counts keys before the query's own: window - 1 of them gives the same
+        # `window` keys per query as the masks below (q - k < window), so training, prefill and decode agree.
+        out = _fa3_func(q, k, v, causal=True, window_size=(window - 1 if window else -1, 0))
         return out[0] if isinstance(out, tuple) else out
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     gqa = q.size(1) != k.size(1)
@@ -179,22 +181,24 @@ class CausalSelfAttention(nn.Module):
         self.ve_gate = Linear(min(self.VE_GATE_CHANNELS, d), config.n_kv_head, device=device) if has_ve else None
 
     def project_qkv(self, x):
-        # Three matrices, not one fused: Muon orthogonalises each on its own. For inference,
-        # engine.pack_linears replaces this with a single matmul over the concatenated weights.
-        return self.c_q(x), self.c_k(x), self.c_v(x)
+        """(queries and keys side by side, values). Three matrices, not one fused: Muon orthogonalises
+        each on its own. For inference, engine.pack_linears replaces this with a single matmul over
+        the concatenated weights, whose output already has q and k side by side."""
+        return torch.cat([self.c_q(x), self.c_k(x)], dim=-1), self.c_v(x)
 
     def forward(self, x, ve, cos, sin, window, kv_cache):
         B, T, _ = x.shape
-        q, k, v = self.project_qkv(x)
-        q = q.view(B, T, self.n_head, self.head_dim)
-        k = k.view(B, T, self.n_kv_head, self.head_dim)
-        v = v.view(B, T, self.n_kv_head, self.head_dim)
+        H, Hkv, D = self.n_head, self.n_kv_head, self.head_dim
+        qk, v = self.project_qkv(x)
+        v = v.view(B, T, Hkv, D)
         if ve is not None:
             # Gate in (0, 2), exactly 1 at init (zero weights): the value embedding starts fully on.
             gate = 2 * torch.sigmoid(self.ve_gate(x[..., : self.ve_gate.in_features]))
-            v = v + gate.unsqueeze(-1) * ve.view(B, T, self.n_kv_head, self.head_dim)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        q, k = norm(q, self.eps), norm(k, self.eps)
+            v = v + gate.unsqueeze(-1) * ve.view(B, T, Hkv, D)
+        # RoPE and QK norm act on each head alone, so queries and keys go through them together: half
+        # the kernel launches, which is most of the cost of a decode step on a CPU.
+        qk = norm(apply_rotary(qk.view(B, T, H + Hkv, D), cos, sin), self.eps)
+        q, k = qk.split([H, Hkv], dim=2)
         pos = 0
         if kv_cache is not None:
             pos = kv_cache.pos
@@ -386,9 +390,12 @@ class GPT(nn.Module):
         if cached is None or cached[0].size(1) < need:
             n = max(need, self.config.sequence_len)
             D = self.config.head_dim
-            inv_freq = 1.0 / (self.config.rope_base ** (torch.arange(0, D, 2, dtype=torch.float32, device=device) / D))
-            freqs = torch.outer(torch.arange(n, dtype=torch.float32, device=device), inv_freq)
-            cached = (freqs.cos()[None, :, None, :].to(dtype), freqs.sin()[None, :, None, :].to(dtype))
+            # Normal tensors even when first asked for under inference mode (the engine), so the same
+            # tables serve training afterwards (RL and SFT's chat evals alternate the two).
+            with torch.inference_mode(False):
+                inv_freq = 1.0 / (self.config.rope_base ** (torch.arange(0, D, 2, dtype=torch.float32, device=device) / D))
+                freqs = torch.outer(torch.arange(n, dtype=torch.float32, device=device), inv_freq)
+                cached = (freqs.cos()[None, :, None, :].to(dtype), freqs.sin()[None, :, None, :].to(dtype))
             self._rope_cache[key] = cached
         return cached[0][:, start:need], cached[1][:, start:need]
 
