@@ -29,7 +29,7 @@ import argparse
 
 import torch
 
-from nanochat.common import print0, get_local_data_dir, run_cli
+from nanochat.common import print0, get_local_data_dir, run_cli, autodetect_dtype
 from nanochat.checkpoint import load_model, resolve_checkpoint, STAGE_DIRS
 from nanochat import export
 
@@ -48,7 +48,9 @@ def get_args(argv=None):
     p.add_argument("--no-verify", action="store_true", help="skip loading the export back with transformers and "
                                                              "comparing it (not recommended)")
     p.add_argument("--compare-hf", action="store_true", help="after exporting, measure greedy decode speed at batch 1 "
-                                                            "of our engine vs transformers' generate on the same weights")
+                                                            "of our engine vs transformers' generate on the same weights, "
+                                                            "both in fp32 and both in the compute dtype this machine "
+                                                            "autodetects (bf16 where the hardware has it)")
     p.add_argument("--local-data", default=None, help="folder laid out like shared/data for held-out verification "
                                                       "text (default $NANOCHAT_LOCAL_DATA)")
     p.add_argument("--device-type", default="cpu", help="device our model runs on during verification; "
@@ -94,7 +96,9 @@ def main(argv=None):
     result = {"out": out, "model_type": info["model_type"], "source": args.source, "model_tag": tag, "step": step,
               "verification": info.get("verification")}
     if args.compare_hf:
-        result["speed"] = export.measure_generate_speed(model, tokenizer, out)
+        dtypes = list(dict.fromkeys([torch.float32, autodetect_dtype("cpu")[0]]))  # transformers runs on the CPU
+        result["speed"] = {str(d).removeprefix("torch."): export.measure_generate_speed(model, tokenizer, out, dtype=d)
+                           for d in dtypes}
     print0(json.dumps(result))
     return result
 
