@@ -263,8 +263,15 @@ def compute_init(device_type="", seed=42):
     return Runtime(ddp, rank, local_rank, world_size, device, device_type, dtype, reason)
 
 
-def compute_cleanup():
+def compute_cleanup(barrier=True):
+    """End the process group. The barrier first makes every rank finish its last collective before any
+    rank tears its side down: gloo's worker threads can still hold a finished op (and its tensors) for a
+    moment after wait() returns, and a process that exits under them dies with SIGABRT ("terminate called
+    without an active exception"). Pass barrier=False when leaving on an error or Ctrl-C, where a peer may
+    never arrive."""
     if dist.is_available() and dist.is_initialized():
+        if barrier:
+            dist.barrier()
         dist.destroy_process_group()
 
 

@@ -444,7 +444,7 @@ def main(argv=None):
         if not rt.ddp and step > loop["step"]:
             print0(f"\nInterrupted: saving step {step} so --resume can continue from it")
             checkpoint(step)
-        compute_cleanup()
+        compute_cleanup(barrier=False)
         raise SystemExit(130)
 
     timed_steps = max(0, step - 10)

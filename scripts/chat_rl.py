@@ -299,7 +299,7 @@ def main(argv=None):
         if not rt.ddp and steps_this_run > 0:
             print0(f"\nInterrupted: saving step {step} so --resume can continue from it")
             checkpoint(step)
-        compute_cleanup()
+        compute_cleanup(barrier=False)
         raise SystemExit(130)
 
     if last:

@@ -522,7 +522,7 @@ def run(stage, argv=None, description=__doc__):
         if not rt.ddp and steps_this_run > 0:
             print0(f"\nInterrupted: saving step {step} so --resume can continue from it")
             checkpoint(step, pending_loader_state or batcher.state_dict())
-        compute_cleanup()
+        compute_cleanup(barrier=False)
         raise SystemExit(130)
 
     if last:

@@ -14,6 +14,7 @@ import subprocess
 
 import torch
 import torch.distributed as dist
+from nanochat.common import compute_cleanup
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -171,8 +172,8 @@ def optim_scenario(rank, world_size, jobs):
             _job(rank, world_size, *job)
     finally:
         torch.set_num_threads(threads)
-        if world_size > 1:
-            dist.destroy_process_group()
+    if world_size > 1:
+        compute_cleanup()
 
 
 def run_optim_scenario(world_size, jobs):
