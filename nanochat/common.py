@@ -10,7 +10,9 @@ import sys
 import json
 import time
 import random
+import signal
 import hashlib
+import threading
 import datetime
 import subprocess
 from dataclasses import dataclass
@@ -261,6 +263,43 @@ def compute_init(device_type="", seed=42):
         dist.barrier()
     dtype, reason = autodetect_dtype(device_type)
     return Runtime(ddp, rank, local_rank, world_size, device, device_type, dtype, reason)
+
+
+class StopRequested(KeyboardInterrupt):
+    """Raised by GracefulStop.check() at a step boundary: the state is a whole step, safe to save."""
+
+
+class GracefulStop:
+    """Ctrl-C (SIGINT) and SIGTERM (a scheduler pre-empting the job) during a training loop only set a
+    flag; the loop calls check() between steps, which raises StopRequested, and the loop saves a
+    checkpoint of whole steps. Letting the signal raise wherever it lands is not safe: after
+    optimizer.step() but before the step counter moves, the checkpoint would be mislabelled, and inside a
+    finalizer Python swallows the exception and training just goes on. A second Ctrl-C raises a plain
+    KeyboardInterrupt at once, for a loop stuck somewhere else (nothing is saved then). install()
+    before the loop, restore() after it (the previous handlers come back)."""
+
+    def __init__(self):
+        self.requested = None  # the signal's name once one arrived
+
+    def _handle(self, signum, frame):
+        if self.requested is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = signal.Signals(signum).name
+
+    def check(self):
+        if self.requested is not None:
+            raise StopRequested(self.requested)
+
+    def install(self):
+        self._saved = {}
+        if threading.current_thread() is threading.main_thread():  # only the main thread may set handlers
+            self._saved = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def restore(self):
+        for s, handler in self._saved.items():
+            signal.signal(s, handler)
+        self._saved = {}
 
 
 def compute_cleanup(barrier=True):

@@ -102,9 +102,11 @@ stage chat_sft python -m scripts.chat_sft --model-tag=$TAG --num-iterations=$SFT
     --eval-every=-1 --eval-tokens=32768 --val-size=100 --run="$WANDB_RUN"
 
 # Multiple choice is one forward pass per problem (cheap); generation is slow on CPU, so fewer
-# problems and shorter replies there. Both runs land in the same report/chat_eval_sft.json.
+# problems there. Keep 256 tokens per reply: a SpellingBee count (spell, walk the letters, call the
+# tool, answer) needs ~150, and at 96 a d4 that counts right 7 times in 16 scored 0 of 8.
+# Both runs land in the same report/chat_eval_sft.json.
 stage chat_eval_mc python -m scripts.chat_eval -i sft -g $TAG -a "ARC-Easy|ARC-Challenge|MMLU" -x 100 --no-progress
-stage chat_eval_gen python -m scripts.chat_eval -i sft -g $TAG -a "GSM8K|HumanEval|SpellingBee" -x 8 -m 96 --no-progress
+stage chat_eval_gen python -m scripts.chat_eval -i sft -g $TAG -a "GSM8K|HumanEval|SpellingBee" -x 16 -m 256 --no-progress
 
 stage report python -m nanochat.report generate
 stage sample_chat python -m scripts.chat_cli -g $TAG -p "Hi! Who are you?" -m 64

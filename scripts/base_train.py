@@ -16,14 +16,13 @@ import math
 import time
 import json
 import shutil
-import signal
 import argparse
 
 import torch
 import torch.distributed as dist
 
 from nanochat.common import (compute_init, compute_cleanup, print0, get_peak_flops, init_wandb,
-                             write_report_json, git_info, run_cli, GPU_PEAK_BF16_FLOPS)
+                             write_report_json, git_info, run_cli, GPU_PEAK_BF16_FLOPS, GracefulStop, StopRequested)
 from nanochat.gpt import GPTConfig, GPT, build_model
 from nanochat.optim import lr_multiplier, muon_momentum
 from nanochat.checkpoint import save_checkpoint, load_checkpoint, list_steps, check_tokenizer, stage_dir
@@ -245,9 +244,17 @@ def optimizer_state_bytes(optimizer, rt):
     return [int(t.item()) for t in every]
 
 
-def _interrupt(signum, frame):
-    # SIGTERM (e.g. a scheduler pre-empting the job) is handled like Ctrl-C: checkpoint, then exit.
-    raise KeyboardInterrupt
+def interrupted(e, rt, step, steps_this_run, save):
+    """The end of a training loop stopped by Ctrl-C or SIGTERM: save (one process, at a step boundary,
+    with steps to keep), then exit 130. Under torchrun nothing is saved here: the ranks may have stopped at
+    different steps; --resume continues from the last periodic checkpoint."""
+    if isinstance(e, StopRequested) and not rt.ddp and steps_this_run > 0:
+        print0(f"\n{e}: saving step {step} so --resume can continue from it")
+        save()
+    elif not rt.ddp and steps_this_run > 0:
+        print0("\nInterrupted in the middle of a step: nothing saved; --resume continues from the last checkpoint")
+    compute_cleanup(barrier=False)
+    raise SystemExit(130)
 
 
 # -----------------------------------------------------------------------------
@@ -373,8 +380,7 @@ def main(argv=None):
             print0(f"  {prompt!r} -> {tokenizer.decode(out)!r}")
         model.train()
 
-    signal.signal(signal.SIGTERM, _interrupt)
-
+    stop = GracefulStop().install()  # Ctrl-C / SIGTERM: finish the step, save, exit 130
     step = loop["step"]
     steps_this_run = 0
     state_bytes = None
@@ -383,6 +389,7 @@ def main(argv=None):
     model.train()
     try:
         while True:
+            stop.check()
             last = step == N
             stop_early = args.max_steps_this_run > 0 and steps_this_run >= args.max_steps_this_run
             # Checkpoint first, so a crash in evaluation never loses the trained weights.
@@ -440,12 +447,10 @@ def main(argv=None):
                 state_bytes = optimizer_state_bytes(optimizer, rt)
                 print0(f"Optimizer state bytes per rank: {', '.join(f'{b:,}' for b in state_bytes)} "
                        f"({rt.world_size} rank(s), {sum(state_bytes):,} in total)")
-    except KeyboardInterrupt:
-        if not rt.ddp and step > loop["step"]:
-            print0(f"\nInterrupted: saving step {step} so --resume can continue from it")
-            checkpoint(step)
-        compute_cleanup(barrier=False)
-        raise SystemExit(130)
+    except KeyboardInterrupt as e:
+        interrupted(e, rt, step, steps_this_run, lambda: checkpoint(step))
+    finally:
+        stop.restore()
 
     timed_steps = max(0, step - 10)
     tok_per_sec = B * timed_steps / loop["total_training_time"] if loop["total_training_time"] > 0 else loop.get("last_tok_per_sec", 0.0)

@@ -23,18 +23,18 @@ batch scale) x --init-lr-frac. Writes chatrl_checkpoints/<tag>/ and report/chat_
 
 import os
 import time
-import signal
 import argparse
 
 import torch
 import torch.distributed as dist
 
-from nanochat.common import compute_init, compute_cleanup, print0, init_wandb, write_report_json, git_info, run_cli
+from nanochat.common import (compute_init, compute_cleanup, print0, init_wandb, write_report_json, git_info, run_cli,
+                             GracefulStop)
 from nanochat.gpt import GPTConfig, build_model
 from nanochat.checkpoint import (save_checkpoint, load_checkpoint, resolve_checkpoint, check_tokenizer, stage_dir,
                                  CheckpointError)
 from nanochat.chat_data import rows_to_batch
-from scripts.base_train import B_REF, batch_lr_scale, _interrupt
+from scripts.base_train import B_REF, batch_lr_scale, interrupted
 
 RUN_CONTROL = ("resume", "max_steps_this_run", "save_every", "keep_checkpoints", "eval_every", "device_type", "run")
 
@@ -224,12 +224,13 @@ def main(argv=None):
                         keep_last=args.keep_checkpoints or None)
         print0(f"Saved checkpoint {ckpt_dir} step {step}")
 
-    signal.signal(signal.SIGTERM, _interrupt)
+    stop = GracefulStop().install()  # Ctrl-C / SIGTERM: finish the step, save, exit 130
     step, steps_this_run = loop["step"], 0
     t_start = time.time()
     model.train()
     try:
         while True:
+            stop.check()
             last = step >= N
             stop_early = args.max_steps_this_run > 0 and steps_this_run >= args.max_steps_this_run
             if steps_this_run > 0 and (last or stop_early or (args.save_every > 0 and step % args.save_every == 0)):
@@ -295,12 +296,10 @@ def main(argv=None):
             print0(f"step {step:05d}/{N:05d} | reward {mean_reward:.3f} | sampled tokens/reply {n_tokens / replies:.1f} | "
                    f"informative samples {int(n_informative)}/{int(counts[3].item())} | lrm {lrm:.3f} | dt {dt:.1f}s")
             wandb.log({"step": step, "train/reward": mean_reward, "train/lrm": lrm, "train/loss": loss_sum})
-    except KeyboardInterrupt:
-        if not rt.ddp and steps_this_run > 0:
-            print0(f"\nInterrupted: saving step {step} so --resume can continue from it")
-            checkpoint(step)
-        compute_cleanup(barrier=False)
-        raise SystemExit(130)
+    except KeyboardInterrupt as e:
+        interrupted(e, rt, step, steps_this_run, lambda: checkpoint(step))
+    finally:
+        stop.restore()
 
     if last:
         hist = loop["pass1_history"]

@@ -43,20 +43,19 @@ import math
 import time
 import json
 import shutil
-import signal
 import argparse
 
 import torch
 import torch.distributed as dist
 
 from nanochat.common import (compute_init, compute_cleanup, print0, get_peak_flops, get_local_data_dir, init_wandb,
-                             write_report_json, git_info, run_cli)
+                             write_report_json, git_info, run_cli, GracefulStop)
 from nanochat.gpt import GPTConfig, build_model
 from nanochat.optim import lr_multiplier, muon_momentum
 from nanochat.checkpoint import (save_checkpoint, load_checkpoint, resolve_checkpoint, check_tokenizer, stage_dir,
                                  CheckpointError)
 from nanochat.chat_data import PackedBatcher, PaddedBatcher, new_stats, drop_overlong
-from scripts.base_train import batch_lr_scale, _interrupt
+from scripts.base_train import batch_lr_scale, interrupted
 from tasks.common import DataUnavailableError
 
 # Where each stage's loop reads its defaults from; report names follow the script names.
@@ -451,12 +450,13 @@ def run(stage, argv=None, description=__doc__):
         loop["chat_evals"].append(row)
         print0(f"Step {step:05d} | {msg} ({time.time() - t0:.0f}s)")
 
-    signal.signal(signal.SIGTERM, _interrupt)
-    step, steps_this_run, pending_loader_state = loop["step"], 0, None
+    stop = GracefulStop().install()  # Ctrl-C / SIGTERM: finish the step, save, exit 130
+    step, steps_this_run = loop["step"], 0
     t_start = time.time()
     model.train()
     try:
         while True:
+            stop.check()
             last = step >= N if N else progress(step) >= 1.0
             stop_early = args.max_steps_this_run > 0 and steps_this_run >= args.max_steps_this_run
             # Checkpoint first, so a crash in evaluation never loses the trained weights.
@@ -470,7 +470,6 @@ def run(stage, argv=None, description=__doc__):
             if last or stop_early:
                 break
             t0 = time.time()
-            pending_loader_state = batcher.state_dict()  # what a checkpoint of an interrupted step must hold
             batches, stats = batcher.next_step()
             counts = torch.tensor([sum(int((y >= 0).sum()) for _, y in batches), sum(x.numel() for x, _ in batches),
                                    *stats.values()], dtype=torch.float64, device=rt.device)
@@ -496,7 +495,6 @@ def run(stage, argv=None, description=__doc__):
             dt = time.time() - t0
             step += 1
             steps_this_run += 1
-            pending_loader_state = None
             if steps_this_run > 1:  # the first step of an invocation includes compilation and warm-up
                 loop["total_training_time"] += dt
                 loop["timed_tokens"] += int(counts[1].item())
@@ -518,12 +516,10 @@ def run(stage, argv=None, description=__doc__):
             if step == 1:
                 gc.collect()
                 gc.freeze()  # long-lived objects exist now; Python's GC pauses cost ~0.5 s each
-    except KeyboardInterrupt:
-        if not rt.ddp and steps_this_run > 0:
-            print0(f"\nInterrupted: saving step {step} so --resume can continue from it")
-            checkpoint(step, pending_loader_state or batcher.state_dict())
-        compute_cleanup(barrier=False)
-        raise SystemExit(130)
+    except KeyboardInterrupt as e:
+        interrupted(e, rt, step, steps_this_run, lambda: checkpoint(step, batcher.state_dict()))
+    finally:
+        stop.restore()
 
     if last:
         d, ce = loop["data"], loop["chat_evals"]

@@ -76,6 +76,7 @@ def test_ctrl_c_saves_a_checkpoint_to_resume_from(tiny_base):
     from nanochat.checkpoint import list_steps
     steps = list_steps(tiny_base / "base_checkpoints" / "ctrlc")
     assert steps and steps[-1] >= 3
+    assert f"SIGINT: saving step {steps[-1]} so --resume can continue from it" in out, out[-2000:]
 
 
 KILL_MID_SAVE = r"""
