@@ -274,20 +274,32 @@ class GracefulStop:
     flag; the loop calls check() between steps, which raises StopRequested, and the loop saves a
     checkpoint of whole steps. Letting the signal raise wherever it lands is not safe: after
     optimizer.step() but before the step counter moves, the checkpoint would be mislabelled, and inside a
-    finalizer Python swallows the exception and training just goes on. A second Ctrl-C raises a plain
-    KeyboardInterrupt at once, for a loop stuck somewhere else (nothing is saved then). install()
-    before the loop, restore() after it (the previous handlers come back)."""
+    finalizer Python swallows the exception and training just goes on. A second Ctrl-C before the step
+    ends raises a plain KeyboardInterrupt at once, for a loop stuck somewhere else (nothing is saved
+    then); once check() has fired, further signals are ignored so that they cannot cut the save short
+    (people press Ctrl-C twice). install() before the loop, restore() after it (the previous handlers
+    come back)."""
 
     def __init__(self):
         self.requested = None  # the signal's name once one arrived
+        self.stopping = False  # check() fired: the checkpoint is being written
+
+    def _say(self, text):
+        if os.environ.get("RANK", "0") == "0":  # os.write: print() is not safe inside a signal handler
+            os.write(2, f"\n{text}\n".encode())
 
     def _handle(self, signum, frame):
+        if self.stopping:
+            self._say("saving the checkpoint first; it will exit when done")
+            return
         if self.requested is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.requested = signal.Signals(signum).name
+        self._say(f"{self.requested}: stopping after this step (Ctrl-C again: stop at once, without saving)")
 
     def check(self):
         if self.requested is not None:
+            self.stopping = True
             raise StopRequested(self.requested)
 
     def install(self):
