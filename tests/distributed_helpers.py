@@ -14,7 +14,6 @@ import subprocess
 
 import torch
 import torch.distributed as dist
-from nanochat.common import compute_cleanup
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -172,8 +171,6 @@ def optim_scenario(rank, world_size, jobs):
             _job(rank, world_size, *job)
     finally:
         torch.set_num_threads(threads)
-    if world_size > 1:
-        compute_cleanup()
 
 
 def run_optim_scenario(world_size, jobs):
@@ -201,3 +198,11 @@ def load_result(out_dir):
 
 if __name__ == "__main__":  # a rank of run_optim_scenario under torchrun
     optim_scenario(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), json.loads(sys.argv[1]))
+    # Every result is on disk now. gloo's teardown (destroy_process_group, then the interpreter's exit)
+    # occasionally aborts a rank with SIGABRT ("terminate called without an active exception") after
+    # all of that, about 1 run in 10 on a busy machine, even behind a barrier; what is tested here is
+    # the optimizer, so the ranks meet once more and leave without running that teardown.
+    dist.barrier()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
