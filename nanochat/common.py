@@ -313,6 +313,18 @@ class GracefulStop:
             signal.signal(s, handler)
         self._saved = {}
 
+    def exit(self, e, rt, step, steps_this_run, save):
+        """The end of a training loop stopped by KeyboardInterrupt e: save() (one process, at a step
+        boundary, with steps to keep), then exit 130. Under torchrun nothing is saved here: the ranks may
+        have stopped at different steps; --resume continues from the last periodic checkpoint."""
+        if isinstance(e, StopRequested) and not rt.ddp and steps_this_run > 0:
+            print0(f"\n{e}: saving step {step} so --resume can continue from it")
+            save()
+        elif not rt.ddp and steps_this_run > 0:
+            print0("\nInterrupted in the middle of a step: nothing saved; --resume continues from the last checkpoint")
+        compute_cleanup(barrier=False)
+        raise SystemExit(130)
+
 
 def compute_cleanup(barrier=True):
     """End the process group. The barrier first makes every rank finish its last collective before any

@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 
 from nanochat.common import (compute_init, compute_cleanup, print0, get_peak_flops, init_wandb,
-                             write_report_json, git_info, run_cli, GPU_PEAK_BF16_FLOPS, GracefulStop, StopRequested)
+                             write_report_json, git_info, run_cli, GPU_PEAK_BF16_FLOPS, GracefulStop)
 from nanochat.gpt import GPTConfig, GPT, build_model
 from nanochat.optim import lr_multiplier, muon_momentum
 from nanochat.checkpoint import save_checkpoint, load_checkpoint, list_steps, check_tokenizer, stage_dir
@@ -244,19 +244,6 @@ def optimizer_state_bytes(optimizer, rt):
     return [int(t.item()) for t in every]
 
 
-def interrupted(e, rt, step, steps_this_run, save):
-    """The end of a training loop stopped by Ctrl-C or SIGTERM: save (one process, at a step boundary,
-    with steps to keep), then exit 130. Under torchrun nothing is saved here: the ranks may have stopped at
-    different steps; --resume continues from the last periodic checkpoint."""
-    if isinstance(e, StopRequested) and not rt.ddp and steps_this_run > 0:
-        print0(f"\n{e}: saving step {step} so --resume can continue from it")
-        save()
-    elif not rt.ddp and steps_this_run > 0:
-        print0("\nInterrupted in the middle of a step: nothing saved; --resume continues from the last checkpoint")
-    compute_cleanup(barrier=False)
-    raise SystemExit(130)
-
-
 # -----------------------------------------------------------------------------
 
 def main(argv=None):
@@ -448,7 +435,7 @@ def main(argv=None):
                 print0(f"Optimizer state bytes per rank: {', '.join(f'{b:,}' for b in state_bytes)} "
                        f"({rt.world_size} rank(s), {sum(state_bytes):,} in total)")
     except KeyboardInterrupt as e:
-        interrupted(e, rt, step, steps_this_run, lambda: checkpoint(step))
+        stop.exit(e, rt, step, steps_this_run, lambda: checkpoint(step))
     finally:
         stop.restore()
 

@@ -34,7 +34,7 @@ from nanochat.gpt import GPTConfig, build_model
 from nanochat.checkpoint import (save_checkpoint, load_checkpoint, resolve_checkpoint, check_tokenizer, stage_dir,
                                  CheckpointError)
 from nanochat.chat_data import rows_to_batch
-from scripts.base_train import B_REF, batch_lr_scale, interrupted
+from scripts.base_train import B_REF, batch_lr_scale
 
 RUN_CONTROL = ("resume", "max_steps_this_run", "save_every", "keep_checkpoints", "eval_every", "device_type", "run")
 
@@ -297,7 +297,7 @@ def main(argv=None):
                    f"informative samples {int(n_informative)}/{int(counts[3].item())} | lrm {lrm:.3f} | dt {dt:.1f}s")
             wandb.log({"step": step, "train/reward": mean_reward, "train/lrm": lrm, "train/loss": loss_sum})
     except KeyboardInterrupt as e:
-        interrupted(e, rt, step, steps_this_run, lambda: checkpoint(step))
+        stop.exit(e, rt, step, steps_this_run, lambda: checkpoint(step))
     finally:
         stop.restore()
 

@@ -55,7 +55,7 @@ from nanochat.optim import lr_multiplier, muon_momentum
 from nanochat.checkpoint import (save_checkpoint, load_checkpoint, resolve_checkpoint, check_tokenizer, stage_dir,
                                  CheckpointError)
 from nanochat.chat_data import PackedBatcher, PaddedBatcher, new_stats, drop_overlong
-from scripts.base_train import batch_lr_scale, interrupted
+from scripts.base_train import batch_lr_scale
 from tasks.common import DataUnavailableError
 
 # Where each stage's loop reads its defaults from; report names follow the script names.
@@ -517,7 +517,7 @@ def run(stage, argv=None, description=__doc__):
                 gc.collect()
                 gc.freeze()  # long-lived objects exist now; Python's GC pauses cost ~0.5 s each
     except KeyboardInterrupt as e:
-        interrupted(e, rt, step, steps_this_run, lambda: checkpoint(step, batcher.state_dict()))
+        stop.exit(e, rt, step, steps_this_run, lambda: checkpoint(step, batcher.state_dict()))
     finally:
         stop.restore()
 
