@@ -26,10 +26,15 @@ task, see fewshot_indices; blocks are joined by a blank line):
                      continuation. Two prompts: without the continuation (then str.strip()ped) and
                      with it; the continuation is the tokens after the first prompt. Correct iff the
                      greedy (argmax) prediction equals the continuation at every position.
-Every prompt is tokenized with BOS prepended; the options of one item run as one batch, right-padded
-with BOS (causal attention: padding never affects earlier positions, and padded targets are ignored).
-A prompt longer than the model's context (config.sequence_len) keeps its last sequence_len tokens
-(left crop) and the scored span's indices move left by the same amount; the span itself is kept
+Every prompt is tokenized with BOS prepended. The tokens all options of an item share (the few-shot
+examples, and the query for multiple choice) run through the model once, into a KV cache that every
+option's remainder then attends to; the remainders run as one batch, right-padded with BOS (causal
+attention: padding never affects earlier positions). Only positions that predict a scored token are
+projected onto the vocabulary. This is the same arithmetic as one forward per prompt, several times
+cheaper for 10-shot prompts (test_scoring_matches_brute_force checks it against exactly that).
+When an item's longest prompt exceeds the model's context (config.sequence_len), every prompt of the
+item loses the same number of tokens from the left, so that all options are still scored against
+one identical context; the scored spans' indices move left by the same amount, and a span is kept
 whole whenever it fits.
 
 Centered accuracy = (acc - b) / (1 - b) with b = random baseline / 100, so 0 is chance and 1 perfect.
@@ -319,27 +324,37 @@ def tokenize_prompts(tokenizer, task_type, prompts):
 
 
 def crop_left(rows, spans, max_len):
-    """Keep each row's last max_len tokens and shift its span to match (see the module docstring)."""
-    out_rows, out_spans = [], []
-    for row, (s, e) in zip(rows, spans):
-        cut = max(0, len(row) - max_len)
-        out_rows.append(row[cut:])
-        out_spans.append((max(1, s - cut), e - cut))
-    return out_rows, out_spans
+    """Drop the same number of leading tokens from every row so the longest fits in max_len, and shift
+    the spans to match (see the module docstring). Rows keep their BOS only when nothing is cut."""
+    cut = max(0, max(len(r) for r in rows) - max_len)
+    return [r[cut:] for r in rows], [(max(1, s - cut), e - cut) for s, e in spans]
 
 
 # -----------------------------------------------------------------------------
 # Scoring
 
-def _batch(rows, pad_id, device):
-    """Right-pad rows with pad_id -> (ids, targets); targets are ids shifted left, -1 past each row."""
-    T = max(len(r) for r in rows)
-    ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
-    targets = torch.full((len(rows), T), -1, dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, :len(r)] = torch.tensor(r, dtype=torch.long)
-        targets[i, :len(r) - 1] = ids[i, 1:len(r)]
-    return ids.to(device), targets.to(device)
+@torch.no_grad()
+def span_logits(model, rows, spans, pad_id, device):
+    """For each row, the fp32 softcapped logits at the positions that predict its span [s, e): a list
+    of (e - s, V) tensors, row i's prediction of token t at index t - s.
+
+    The rows' common prefix, up to the position before the earliest span, runs once into a batch-1 KV
+    cache that is then copied into every row; the rest of each row runs as one right-padded batch
+    after it. Only the predicting positions reach the vocabulary projection."""
+    from nanochat.engine import KVCache
+    P = min(_common_prefix_len(rows), min(s for s, _ in spans) - 1) if len(rows) > 1 else 0
+    cache = None
+    if P > 0:
+        prefix = KVCache.for_model(model, 1, P)
+        model.trunk(torch.tensor([rows[0][:P]], dtype=torch.long, device=device), prefix)
+        cache = KVCache.for_model(model, len(rows), max(len(r) for r in rows))
+        cache.prefill(prefix)
+    tails = [r[P:] for r in rows]
+    ids = torch.full((len(rows), max(len(t) for t in tails)), pad_id, dtype=torch.long)
+    for i, t in enumerate(tails):
+        ids[i, :len(t)] = torch.tensor(t, dtype=torch.long)
+    hidden = model.trunk(ids.to(device), cache)  # (B, T - P, C); position p of row i is hidden[i, p - P]
+    return [model.logits(hidden[i, s - 1 - P:e - 1 - P]) for i, (s, e) in enumerate(spans)]
 
 
 @torch.no_grad()
@@ -350,19 +365,15 @@ def evaluate_example(model, tokenizer, data, idx, task, device, max_len=None):
     fewshot = [data[j] for j in fewshot_indices(idx, len(data), task.num_fewshot)]
     prompts = render_prompts(task.task_type, item, fewshot, task.delimiter)
     rows, spans = tokenize_prompts(tokenizer, task.task_type, prompts)
-    max_len = max_len or model.config.sequence_len
-    rows, spans = crop_left(rows, spans, max_len)
-    ids, targets = _batch(rows, tokenizer.get_bos_token_id(), device)
+    rows, spans = crop_left(rows, spans, max_len or model.config.sequence_len)
+    logits = span_logits(model, rows, spans, tokenizer.get_bos_token_id(), device)
+    targets = [torch.tensor(r[s:e], dtype=torch.long, device=device) for r, (s, e) in zip(rows, spans)]
     details = {"prompts": prompts, "spans": spans}
     if task.task_type == "language_modeling":
-        logits = model(ids)  # (1, T, V); the prediction for token t sits at position t - 1
-        s, e = spans[0]
-        predicted = logits[0, s - 1:e - 1].argmax(dim=-1)
-        correct = bool(torch.equal(predicted, ids[0, s:e]))
+        predicted = logits[0].argmax(dim=-1)
         details["predicted"] = predicted.tolist()
-        return correct, details
-    losses = model(ids, targets, loss_reduction="none").float()  # (B, T): loss of predicting token t+1 at t
-    mean_losses = [losses[i, s - 1:e - 1].mean().item() for i, (s, e) in enumerate(spans)]
+        return bool(torch.equal(predicted, targets[0])), details
+    mean_losses = [torch.nn.functional.cross_entropy(lg, tg).item() for lg, tg in zip(logits, targets)]
     chosen = min(range(len(mean_losses)), key=mean_losses.__getitem__)
     details.update(mean_losses=mean_losses, chosen=chosen)
     return chosen == item["gold"], details

@@ -423,12 +423,16 @@ class GPT(nn.Module):
         use_compiled = self._compiled_trunk is not None and self.training and kv_cache is None
         x = (self._compiled_trunk if use_compiled else self.trunk)(idx, kv_cache)
         if targets is None:
-            logits = self.lm_head(x).float()
-            c = self.config.softcap
-            return c * torch.tanh(logits / c) if c > 0 else logits
+            return self.logits(x)
         loss = linear_cross_entropy(x, self.lm_head.weight, targets, self.config.softcap,
                                     loss_reduction, loss_weights, compiled=self.compiled)
         return loss.view(targets.shape) if loss_reduction == "none" else loss
+
+    def logits(self, x):
+        """Hidden states from trunk() (..., n_embd) -> fp32 softcapped logits (..., V)."""
+        logits = self.lm_head(x).float()
+        c = self.config.softcap
+        return c * torch.tanh(logits / c) if c > 0 else logits
 
     def compile_for_training(self):
         """torch.compile the trunk and the loss kernels for training (fixed shapes). Evaluation and

@@ -104,9 +104,12 @@ def test_prompt_formats():
 
 
 def test_crop_left_shifts_spans():
-    rows, spans = core_eval.crop_left([list(range(10)), list(range(4))], [(6, 10), (2, 4)], 5)
-    assert rows == [[5, 6, 7, 8, 9], [0, 1, 2, 3]]
-    assert spans == [(1, 5), (2, 4)]
+    # Every option of an item loses the same leading tokens, so all are scored in one context.
+    rows, spans = core_eval.crop_left([list(range(10)), list(range(8))], [(6, 10), (6, 8)], 5)
+    assert rows == [[5, 6, 7, 8, 9], [5, 6, 7]]
+    assert spans == [(1, 5), (1, 3)]
+    rows, spans = core_eval.crop_left([list(range(4)), list(range(3))], [(2, 4), (2, 3)], 5)  # fits: untouched
+    assert rows == [[0, 1, 2, 3], [0, 1, 2]] and spans == [(2, 4), (2, 3)]
     rows, spans = core_eval.crop_left([list(range(10))], [(2, 10)], 5)  # span longer than the context
     assert spans == [(1, 5)]
 
@@ -158,10 +161,9 @@ def _brute_force(model, tokenizer, task, data, idx):
     else:
         assert toks[1][:len(toks[0])] == toks[0]
         toks, starts = [toks[1]], [len(toks[0])]
-    T = model.config.sequence_len
+    cut = max(0, max(len(t) for t in toks) - model.config.sequence_len)  # the same left crop for every option
     results = []
     for t, s in zip(toks, starts):
-        cut = max(0, len(t) - T)
         t, s = t[cut:], max(1, s - cut)
         logits = model(torch.tensor([t]))[0].double()
         logp = F.log_softmax(logits, dim=-1)
@@ -210,9 +212,11 @@ def test_long_prompts_are_cropped_to_the_context(tiny_base, shared_data):
     data = core_eval.load_task_data(task.path)
     _, details = core_eval.evaluate_example(model, tokenizer, data, 0, task, "cpu")
     full = tokenizer.encode(details["prompts"], prepend=tokenizer.get_bos_token_id())
-    assert max(len(f) for f in full) > model.config.sequence_len  # 10-shot ARC does not fit 128 tokens
+    longest = max(len(f) for f in full)
+    assert longest > model.config.sequence_len  # 10-shot ARC does not fit 128 tokens
+    cut = longest - model.config.sequence_len
     for f, (s, e) in zip(full, details["spans"]):
-        assert e == min(len(f), model.config.sequence_len) and 1 <= s < e
+        assert e == len(f) - cut and 1 <= s < e
 
 
 # -----------------------------------------------------------------------------
