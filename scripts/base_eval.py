@@ -26,6 +26,13 @@ from nanochat import core_eval
 EVALS = ("core", "bpb", "sample")
 
 
+# bpb tokens per split. A GPU reads 40 of upstream's 2^19-token batches in seconds; a CPU forwards a
+# d4 at ~20K tok/s, so the GPU figure would take over half an hour there, for a bpb that 2^20 tokens
+# already pins to ~0.01.
+GPU_SPLIT_TOKENS = 40 * 524288
+CPU_SPLIT_TOKENS = 2 * 524288
+
+
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--eval", type=str, default="core,bpb,sample", help="comma list of what to run: core, bpb, sample (default all three)")
@@ -36,7 +43,9 @@ def get_args(argv=None):
     p.add_argument("--bundle-dir", type=str, default=None, help="CORE: an unzipped eval bundle (default $NANOCHAT_LOCAL_DATA/eval_core, else download)")
     p.add_argument("--show-prompts", action="store_true", help="CORE: print the prompts of the first item of the first task of each type")
     p.add_argument("--device-batch-size", type=int, default=32, help="bpb: rows per forward pass")
-    p.add_argument("--split-tokens", type=int, default=40 * 524288, help="bpb: tokens to evaluate per split (rounded down to whole batches)")
+    p.add_argument("--split-tokens", type=int, default=None,
+                   help=f"bpb: tokens to evaluate per split, rounded down to whole batches (default {GPU_SPLIT_TOKENS:,} "
+                        f"on a GPU, {CPU_SPLIT_TOKENS:,} elsewhere)")
     p.add_argument("--num-unconditioned", type=int, default=8, help="sample: how many 128-token samples to draw from BOS alone")
     p.add_argument("--device-type", type=str, default="", help="cuda, mps or cpu (default: autodetect)")
     args = p.parse_args(argv)
@@ -47,7 +56,7 @@ def get_args(argv=None):
     args.evals = evals
     if args.max_per_task == 0 or args.max_per_task < -1:
         p.error(f"--max-per-task {args.max_per_task}: use a positive number, or -1 for all items")
-    if args.device_batch_size < 1 or args.split_tokens < 1:
+    if args.device_batch_size < 1 or (args.split_tokens is not None and args.split_tokens < 1):
         p.error("--device-batch-size and --split-tokens must be positive")
     return args
 
@@ -95,6 +104,8 @@ def run_bpb(model, tokenizer, rt, args):
     from nanochat.loss_eval import evaluate_bpb
     T = model.config.sequence_len
     B = args.device_batch_size
+    if args.split_tokens is None:
+        args.split_tokens = GPU_SPLIT_TOKENS if rt.device_type == "cuda" else CPU_SPLIT_TOKENS
     steps = args.split_tokens // (B * T * rt.world_size)
     if steps < 1:
         raise SystemExit(f"--split-tokens {args.split_tokens} is less than one batch ({B} x {T} x {rt.world_size} "
@@ -154,8 +165,10 @@ def main(argv=None):
                       core_missing=summary["missing"], core_accuracy=summary["accuracy"],
                       core_centered=summary["centered"], core_items=summary["items"], core_seconds=summary["seconds"],
                       max_per_task=args.max_per_task, bundle_dir=bundle_dir, core_time=time.time() - t0)
+        write_report_json("base_eval", report)  # now, so that a later part that is killed cannot lose it
     if "bpb" in args.evals:
         report.update(run_bpb(model, tokenizer, rt, args))
+        write_report_json("base_eval", report)
     if "sample" in args.evals and rt.master:
         report.update(run_samples(model, tokenizer, args))
     report["wall_time"] = time.time() - t_start
