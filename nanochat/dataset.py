@@ -8,7 +8,7 @@ the unit of reading: under torchrun, rank r reads row groups r, r+W, r+2W, ... o
 
 Two ways to get shards:
     python -m nanochat.dataset download -n 8     # ClimbMix from the HuggingFace hub (+ its val shard)
-    python -m nanochat.dataset import DIR        # your own .txt / .jsonl(.gz) / .parquet files
+    python -m nanochat.dataset import DIR [DIR2 ...]  # your own .txt / .jsonl(.gz) / .parquet files
     python -m nanochat.dataset info              # what is there
 
 base_data/source.json records where the shards came from, so a download never mixes into imported
@@ -396,15 +396,20 @@ def _write_shard(path, docs, row_group_size):
                    use_dictionary=False, write_statistics=False)
 
 
-def import_local(src_dir, val_fraction=0.05, shard_chars=250_000_000, seed=42, doc_chars=20_000,
+def import_local(src_dirs, val_fraction=0.05, shard_chars=250_000_000, seed=42, doc_chars=20_000,
                  overwrite=False, data_dir=None, row_group_size=None, progress=True):
-    """Turn a folder of .txt / .jsonl(.gz) / .parquet files into shards in base_data/: documents
-    (see documents_from_file) are shuffled with `seed`, the last val_fraction of them (at least one
-    doc, at least one full row group when the corpus has 10 or more) become the validation shard,
-    the rest go to train shards that close at shard_chars characters. Returns the shard paths."""
+    """Turn one folder (or a list of folders) of .txt / .jsonl(.gz) / .parquet files into shards in
+    base_data/: documents (see documents_from_file) are shuffled together with `seed`, the last
+    val_fraction of them (at least one doc, at least one full row group when the corpus has 10 or
+    more) become the validation shard, the rest go to train shards that close at shard_chars
+    characters. Returns the shard paths."""
     t0 = time.time()
-    if not os.path.isdir(src_dir):
-        raise DataError(f"import source {src_dir!r} is not a directory")
+    src_dirs = [src_dirs] if isinstance(src_dirs, (str, os.PathLike)) else list(src_dirs)
+    if not src_dirs:
+        raise DataError("no import source given: name at least one folder")
+    for src_dir in src_dirs:
+        if not os.path.isdir(src_dir):
+            raise DataError(f"import source {str(src_dir)!r} is not a directory")
     if not 0 < val_fraction < 1:
         raise ValueError(f"val_fraction must be between 0 and 1, got {val_fraction}")
     if shard_chars <= 0:
@@ -413,24 +418,34 @@ def import_local(src_dir, val_fraction=0.05, shard_chars=250_000_000, seed=42, d
         raise ValueError(f"row_group_size must be at least 1, got {row_group_size}")
     data_dir = data_dir or get_data_dir()
     os.makedirs(data_dir, exist_ok=True)
-    real_src, real_data = os.path.realpath(src_dir), os.path.realpath(data_dir)
-    if real_src == real_data or real_src.startswith(real_data + os.sep):
-        raise DataError(f"cannot import {src_dir} into itself ({data_dir}): point import at your source files")
+    real_data = os.path.realpath(data_dir)
+    real_srcs = [os.path.realpath(d) for d in src_dirs]
+    for src_dir, real_src in zip(src_dirs, real_srcs):
+        if real_src == real_data or real_src.startswith(real_data + os.sep):
+            raise DataError(f"cannot import {src_dir} into itself ({data_dir}): point import at your source files")
     existing = _shard_names(data_dir)
     if existing and not overwrite:
         raise DataError(f"{data_dir} already holds {len(existing)} shards ({existing[0]} ...); importing would mix "
                         f"datasets. Pass --overwrite (overwrite=True) to replace them, or use another NANOCHAT_BASE_DIR.")
 
-    files, ignored = find_import_files(src_dir, exclude=data_dir)
-    if not files:
-        raise DataError(f"no importable files under {src_dir} (looked for {', '.join(IMPORT_SUFFIXES)})")
+    files, seen, ignored = [], set(), 0
+    for src_dir in src_dirs:
+        found, skipped = find_import_files(src_dir, exclude=data_dir)
+        if not found:
+            raise DataError(f"no importable files under {src_dir} (looked for {', '.join(IMPORT_SUFFIXES)})")
+        ignored += skipped
+        for f in found:  # a folder named twice, or inside another one, is read once
+            if os.path.realpath(f) not in seen:
+                seen.add(os.path.realpath(f))
+                files.append(f)
+    where = ", ".join(map(str, src_dirs))
     from tqdm import tqdm
     docs = []
     for path in tqdm(files, desc="reading", unit="file", disable=not progress):
         docs.extend(documents_from_file(path, doc_chars))
     n = len(docs)
     if n < 2:
-        raise DataError(f"{src_dir} yielded {n} document(s); need at least 2 (one for train, one for val)")
+        raise DataError(f"{where} yielded {n} document(s); need at least 2 (one for train, one for val)")
     random.Random(seed).shuffle(docs)
 
     n_val = max(1, round(val_fraction * n))
@@ -472,12 +487,12 @@ def import_local(src_dir, val_fraction=0.05, shard_chars=250_000_000, seed=42, d
 
     chars = sum(map(len, docs))
     val_chars = sum(map(len, val))
-    summary = {"source": "import", "src_dir": real_src, "files": len(files), "ignored_files": ignored,
+    summary = {"source": "import", "src_dirs": real_srcs, "files": len(files), "ignored_files": ignored,
                "docs": n, "chars": chars, "train_docs": n - n_val, "val_docs": n_val, "shards": len(names),
                "row_group_size": rg, "seed": seed, "doc_chars": doc_chars, "shard_chars": shard_chars,
                "val_fraction": val_fraction, "created": datetime.datetime.now().isoformat(timespec="seconds")}
     atomic_write_json(os.path.join(data_dir, SOURCE_FILE), summary)
-    print(f"Imported {src_dir}: {len(files)} files read ({ignored} other files ignored), "
+    print(f"Imported {where}: {len(files)} files read ({ignored} other files ignored), "
           f"{n:,} documents, {chars:,} characters")
     print(f"  train: {len(names) - 1} shard(s), {n - n_val:,} docs, {chars - val_chars:,} chars")
     print(f"  val:   1 shard ({names[-1]}), {n_val:,} docs, {val_chars:,} chars")
@@ -495,7 +510,7 @@ def print_info(data_dir=None):
     print(f"Shards in {data_dir}: {len(names)}")
     if source:
         print("Source: " + ", ".join(f"{k}={v}" for k, v in source.items() if k in
-                                    ("source", "repo", "endpoint", "src_dir", "docs", "chars", "seed", "created")))
+                                    ("source", "repo", "endpoint", "src_dirs", "docs", "chars", "seed", "created")))
     if not names:
         print(GET_SHARDS_HINT)
         return
@@ -535,8 +550,9 @@ def main(argv=None):
                    help=f"hub base URL, e.g. a mirror (default: $NANOCHAT_HF_ENDPOINT, $HF_ENDPOINT or {DEFAULT_ENDPOINT})")
     p.add_argument("--retries", type=int, default=5, help="attempts per file before giving up (default: 5)")
 
-    p = sub.add_parser("import", help="turn a folder of local .txt/.jsonl(.gz)/.parquet files into shards")
-    p.add_argument("src_dir", help="folder to import (searched recursively)")
+    p = sub.add_parser("import", help="turn folders of local .txt/.jsonl(.gz)/.parquet files into shards")
+    p.add_argument("src_dirs", nargs="+", metavar="src_dir",
+                   help="folder(s) to import, each searched recursively; their documents are shuffled together")
     p.add_argument("--val-fraction", type=float, default=0.05,
                    help="fraction of documents held out in the validation shard (default: 0.05)")
     p.add_argument("--shard-chars", type=int, default=250_000_000,
@@ -561,7 +577,7 @@ def main(argv=None):
             download_shards(range(n), num_workers=args.num_workers, source=args.source, base_url=args.endpoint,
                             retries=args.retries)
         elif args.command == "import":
-            import_local(args.src_dir, val_fraction=args.val_fraction, shard_chars=args.shard_chars, seed=args.seed,
+            import_local(args.src_dirs, val_fraction=args.val_fraction, shard_chars=args.shard_chars, seed=args.seed,
                          doc_chars=args.doc_chars, overwrite=args.overwrite, row_group_size=args.row_group_size)
         else:
             print_info()

@@ -115,6 +115,27 @@ def test_import_refuses_to_mix_unless_overwrite(tmp_path, src_dir, shared_data):
     assert sorted(all_docs(paths)) == sorted(documents_from_file(str(small / "blake-poems.txt"), 1_000))
 
 
+def test_import_several_folders(tmp_path, src_dir, shared_data, capsys):
+    # Two folders are one corpus: their documents shuffled together, each file read once even when a
+    # folder is named twice; a missing or empty folder is named in the error.
+    more = tmp_path / "more"
+    (more / "inner").mkdir(parents=True)
+    os.symlink(shared_data / "pretrain_text" / "llamafactory_demo" / "wiki_demo.txt", more / "inner" / "wiki.txt")
+    paths = import_local([src_dir, more, more / "inner"], doc_chars=5_000, data_dir=tmp_path / "out", progress=False)
+    assert "5 files read (1 other files ignored)" in capsys.readouterr().out
+    files = [f for f in sorted(src_dir.iterdir()) if f.suffix != ".md"] + [more / "inner" / "wiki.txt"]
+    expected = [d for f in files for d in documents_from_file(str(f), 5_000)]
+    assert collections.Counter(all_docs(paths)) == collections.Counter(expected)
+    assert dataset.read_source(tmp_path / "out")["src_dirs"] == [os.path.realpath(d) for d in (src_dir, more, more / "inner")]
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="no importable files under .*empty"):
+        import_local([src_dir, tmp_path / "empty"], data_dir=tmp_path / "out2", progress=False)
+    with pytest.raises(DataError, match="nowhere.* is not a directory"):
+        import_local([src_dir, tmp_path / "nowhere"], data_dir=tmp_path / "out3", progress=False)
+    with pytest.raises(DataError, match="no import source"):
+        import_local([], data_dir=tmp_path / "out4", progress=False)
+
+
 def test_import_reads_gz_and_parquet_and_names_bad_rows(tmp_path, shared_data):
     text = (shared_data / "pretrain_text" / "nltk_gutenberg" / "blake-poems.txt").read_text()
     rows = [json.loads(line)["text"] for line in open(shared_data / "pretrain_text" / "llamafactory_demo" / "c4_demo.jsonl")]
@@ -351,6 +372,8 @@ def test_cli(base_dir, src_dir, capsys):
         dataset.main(["import", str(base_dir)])
     dataset.main(["import", str(src_dir), "--shard-chars", "300000", "--val-fraction", "0.1"])
     assert len(list_parquet_files()) >= 2
+    dataset.main(["import", str(src_dir), str(src_dir), "--overwrite"])  # several folders; a repeat is read once
+    assert "4 files read" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="--overwrite"):
         dataset.main(["import", str(src_dir)])
     capsys.readouterr()
