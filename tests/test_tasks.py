@@ -1,6 +1,7 @@
 """Tests for tasks/: slicing and mixing, the MC prompt, each dataset against the real data in
 ../shared/data, the CustomJSON checker, and the hub parquet loader against a local HTTP server."""
 
+import os
 import re
 import json
 import random
@@ -377,6 +378,23 @@ def test_smoltalk_standin(local_data):
         {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}
     assert normalise([("user", "q"), ("user", "q2"), ("assistant", "a")]) is None
     assert normalise([("user", "q"), ("assistant", "  ")]) is None
+
+
+def test_smoltalk_as_pretraining_text(local_data, tmp_path, capsys):
+    from nanochat.dataset import documents_from_file
+    from tasks import smoltalk
+    out = tmp_path / "chat_text" / "smoltalk_test.jsonl"
+    smoltalk.main([str(out), "--split", "test"])
+    test = smoltalk.SmolTalk("test")
+    assert f"Wrote {len(test):,} SmolTalk test conversations" in capsys.readouterr().out
+    texts = list(documents_from_file(str(out), doc_chars=0))  # what nanochat.dataset import reads
+    assert len(texts) == len(test) and not os.path.exists(str(out) + ".partial")
+    for conversation, text in zip(test, texts):
+        paragraphs = [f"{smoltalk.ROLE_NAMES[m['role']]}: {m['content'].strip()}" for m in conversation["messages"]]
+        assert text == "\n\n".join(paragraphs)
+        assert text.startswith(("User: ", "System: ")) and "\n\nAssistant: " in text
+    with pytest.raises(SystemExit, match="must end in .jsonl"):
+        smoltalk.main([str(tmp_path / "out.txt")])
 
 
 def test_sample_of_every_task_is_valid(local_data):
