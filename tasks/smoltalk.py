@@ -20,7 +20,8 @@ side), form the test split.
 As pretraining text: `python -m tasks.smoltalk OUT.jsonl` writes the train split as plain-text
 documents ("User: ..." / "Assistant: ..." paragraphs) that `python -m nanochat.dataset import` reads.
 Offline the train split is 103M characters, six times pretrain_text/ (16.5M, which a d4 overfits after
-about 3 epochs). Only the train split is written unless asked: the chat evals take their prompts from the test split.
+about 3 epochs). Only the train split is written unless asked: the chat evals take their prompts from
+the test split.
 """
 
 import os
