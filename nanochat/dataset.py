@@ -510,7 +510,7 @@ def print_info(data_dir=None):
     print(f"Shards in {data_dir}: {len(names)}")
     if source:
         print("Source: " + ", ".join(f"{k}={v}" for k, v in source.items() if k in
-                                    ("source", "repo", "endpoint", "src_dirs", "docs", "chars", "seed", "created")))
+                                    ("source", "repo", "endpoint", "src_dir", "src_dirs", "docs", "chars", "seed", "created")))
     if not names:
         print(GET_SHARDS_HINT)
         return
