@@ -509,8 +509,8 @@ def print_info(data_dir=None):
     source = read_source(data_dir)
     print(f"Shards in {data_dir}: {len(names)}")
     if source:
-        print("Source: " + ", ".join(f"{k}={v}" for k, v in source.items() if k in
-                                    ("source", "repo", "endpoint", "src_dir", "src_dirs", "docs", "chars", "seed", "created")))
+        shown = ("source", "repo", "endpoint", "src_dir", "src_dirs", "docs", "chars", "seed", "created")
+        print("Source: " + ", ".join(f"{k}={v}" for k, v in source.items() if k in shown))
     if not names:
         print(GET_SHARDS_HINT)
         return
