@@ -435,8 +435,9 @@ def import_local(src_dirs, val_fraction=0.05, shard_chars=250_000_000, seed=42, 
             raise DataError(f"no importable files under {src_dir} (looked for {', '.join(IMPORT_SUFFIXES)})")
         ignored += skipped
         for f in found:  # a folder named twice, or inside another one, is read once
-            if os.path.realpath(f) not in seen:
-                seen.add(os.path.realpath(f))
+            real = os.path.realpath(f)
+            if real not in seen:
+                seen.add(real)
                 files.append(f)
     where = ", ".join(map(str, src_dirs))
     from tqdm import tqdm
