@@ -272,11 +272,15 @@ def _ce_chunk_loss(logits, targets, softcap: float):
 _compiled_kernels = {}
 
 
-def _kernel(fn, compiled):
+def _kernel(fn, compiled, dynamic=False):
+    """fn under torch.compile (once per fn), or fn itself. The training kernel is static: its chunks
+    have one fixed shape. The loss-only kernel sees the ragged last chunk of every differently padded
+    validation batch, so it passes dynamic=None: after the first size change it recompiles once with a
+    symbolic row count, instead of once per size until dynamo's recompile limit sends it to eager."""
     if not compiled:
         return fn
     if fn not in _compiled_kernels:
-        _compiled_kernels[fn] = torch.compile(fn, dynamic=False)
+        _compiled_kernels[fn] = torch.compile(fn, dynamic=dynamic)
     return _compiled_kernels[fn]
 
 
@@ -321,7 +325,7 @@ def linear_cross_entropy(x, weight, targets, softcap, reduction="mean", weights=
     if reduction == "none":
         rows = chunk_rows(weight.size(0))
         wc = weight.to(x.dtype)
-        kernel = _kernel(_ce_chunk_loss, compiled)
+        kernel = _kernel(_ce_chunk_loss, compiled, dynamic=None)
         return torch.cat([kernel(x[s:s + rows] @ wc.t(), targets[s:s + rows], softcap)
                           for s in range(0, x.size(0), rows)])
     valid = (targets >= 0).to(torch.float32)

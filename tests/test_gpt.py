@@ -38,6 +38,25 @@ def test_fused_loss_matches_reference(softcap, compiled):
     assert (per_tok[t < 0] == 0).all()
 
 
+def test_per_token_loss_compiles_once_for_ragged_sizes():
+    """Validation batches padded to their longest row give the loss-only kernel a new row count each
+    time; it must go dynamic after the first change, not recompile per size until dynamo gives up."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+    import nanochat.gpt as gpt
+    torch._dynamo.reset()
+    gpt._compiled_kernels.clear()
+    counters.clear()
+    torch.manual_seed(2)
+    W = torch.randn(600, 32)
+    for N in (900, 700, 650, 500, 410, 333, 301, 250, 199, 123):  # more sizes than the recompile limit (8)
+        x, t = torch.randn(N, 32), torch.randint(-1, 600, (N,))
+        ours = linear_cross_entropy(x, W, t, 15.0, "none", compiled=True)
+        ref = reference_ce(x, W, t.clamp(min=0), 15.0, "none") * (t >= 0)
+        assert torch.allclose(ours, ref, atol=1e-5)
+    assert counters["stats"]["unique_graphs"] <= 2, dict(counters["stats"])
+
+
 def test_fused_loss_multi_chunk_and_weights(monkeypatch):
     import nanochat.gpt as gpt
     monkeypatch.setattr(gpt, "chunk_rows", lambda V, budget=None: 64)  # force many chunks
