@@ -5,7 +5,7 @@
 #   available tasks, a few items each) -> midtraining -> SFT -> chat_eval (small caps) -> report.md,
 #   then one sample chat. The model is tiny and briefly trained: it speaks the chat format, not sense.
 #
-# Time: ~22 min on 2 idle CPU cores plus ~1.5 min of set-up, more when other jobs share them (every stage
+# Time: ~20 min on 2 idle CPU cores plus ~1.5 min of set-up, more when other jobs share them (every stage
 # prints its wall time).
 # Run from anywhere (it cd's to the repo root):
 #

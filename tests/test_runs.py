@@ -1,7 +1,7 @@
 """The run scripts (runs/*.sh) and the sweep table (scripts/scaling_table.py): the scripts parse, say
 what they do, refuse bad arguments, only pass flags the python entry points accept, and the speedrun's
 base_train flags give the plan the upstream GPT-2 speedrun used. The scripts themselves are run by hand
-(runcpu.sh ~23 min, the sweeps longer); these checks take seconds."""
+(runcpu.sh ~22 min, the sweeps longer); these checks take seconds."""
 
 import os
 import re
