@@ -22,7 +22,7 @@
 #                        chat eval sets, SmolTalk) and need internet access.
 #   WANDB_RUN            wandb run name for the training stages (default: dummy = no wandb)
 #   BASE_STEPS, MID_STEPS, SFT_STEPS  training steps (default 300, 200, and one epoch of the SFT mixture,
-#                        ~170); more = better chats, slower
+#                        ~140 steps); more = better chats, slower
 #   SKIP_SETUP=1         do not run runs/setup.sh (use the python environment that is already active)
 set -euo pipefail
 
