@@ -26,7 +26,9 @@ Conversations longer than a row are truncated after their last whole assistant t
 replies kept still end with <|assistant_end|>; one whose first reply alone is too long is cut inside it.
 Both are counted in the log ("cut mid-reply" separately). --overlong=drop leaves the latter out
 instead, which a short-context model needs: a reply cut inside never shows its end, and many of them
-teach the model to talk until the context is full.
+teach the model to talk until the context is full. --smoltalk-max-tokens does the same to the chat data
+alone at a shorter length: a small model learns how long its chat replies are from SFT, while the
+tool-use tasks (a SpellingBee count is ~150 tokens) need the longer row.
 
 With --chat-eval-examples N the model also writes greedy replies through the Engine before and after
 training: the share of N held-out chat prompts whose reply ends with <|assistant_end|> (does it know
@@ -104,6 +106,9 @@ def get_args(stage, argv=None, description=__doc__):
     g.add_argument("--seed", type=int, default=42, help="random seed")
     g = p.add_argument_group("mixture")
     g.add_argument("--smoltalk-size", type=int, default=d["smoltalk_size"], help=f"SmolTalk conversations (-1 = all; offline: the local stand-in) (default {d['smoltalk_size']})")
+    g.add_argument("--smoltalk-max-tokens", type=int, default=0, help="keep only the SmolTalk conversations whose first reply ends within this many tokens, like --overlong=drop "
+                   "with rows this long, but for the chat data alone: a small model learns the length of its chat replies from SFT, while the tool-use "
+                   "tasks (SpellingBee counts, GSM8K) need longer rows (0 = no limit)")
     g.add_argument("--mmlu-epochs", type=int, default=d["mmlu_epochs"], help="passes over MMLU's training split (auxiliary_train; offline only dev exists, so dev)")
     g.add_argument("--arc-epochs", type=int, default=d["arc_epochs"], help="passes over ARC-Easy + ARC-Challenge train")
     g.add_argument("--gsm8k-epochs", type=int, default=d["gsm8k_epochs"], help="passes over GSM8K train")
@@ -127,6 +132,8 @@ def get_args(stage, argv=None, description=__doc__):
     args = p.parse_args(argv)
     problems = [f"--{k.replace('_', '-')} {v}: must be >= 1" for k, v in vars(args).items()
                 if k in ("max_seq_len", "device_batch_size", "total_batch_size") and v is not None and v < 1]
+    if args.smoltalk_max_tokens < 0:
+        problems.append(f"--smoltalk-max-tokens {args.smoltalk_max_tokens}: must be >= 0 (0 = no limit)")
     if args.chat_eval_examples < 0:
         problems.append(f"--chat-eval-examples {args.chat_eval_examples}: must be >= 0")
     if problems:
@@ -138,9 +145,10 @@ def get_args(stage, argv=None, description=__doc__):
 # Mixtures
 
 
-def build_mixtures(args):
+def build_mixtures(args, tokenizer=None):
     """(train task, val task, description) from the mixture flags. Offline (NANOCHAT_LOCAL_DATA set)
-    MMLU has no auxiliary_train, so its small dev split stands in (with ARC train alongside)."""
+    MMLU has no auxiliary_train, so its small dev split stands in (with ARC train alongside).
+    `tokenizer` is needed only for --smoltalk-max-tokens."""
     from tasks.common import TaskMixture
     from tasks.arc import ARC
     from tasks.mmlu import MMLU
@@ -152,9 +160,12 @@ def build_mixtures(args):
     offline = get_local_data_dir() is not None
     mmlu_split = "dev" if offline else "auxiliary_train"
     try:
-        parts = []
+        parts, notes = [], {}
         if args.smoltalk_size != 0:
-            parts.append(("SmolTalk train", [SmolTalk("train", stop=None if args.smoltalk_size < 0 else args.smoltalk_size)]))
+            smoltalk = SmolTalk("train", stop=None if args.smoltalk_size < 0 else args.smoltalk_size)
+            if args.smoltalk_max_tokens > 0:  # + 1: as --max-seq-len T holds T + 1 tokens
+                smoltalk, notes["smoltalk_dropped_long"] = drop_overlong(smoltalk, tokenizer, args.smoltalk_max_tokens + 1)
+            parts.append(("SmolTalk train", [smoltalk]))
         if args.mmlu_epochs > 0:
             parts.append((f"MMLU {mmlu_split} x{args.mmlu_epochs}", [MMLU("all", mmlu_split)] * args.mmlu_epochs))
         if args.arc_epochs > 0:
@@ -184,7 +195,7 @@ def build_mixtures(args):
     tasks = [t for _, ts in parts for t in ts]
     if not tasks:
         raise SystemExit("the training mixture is empty: every size/epochs flag is 0")
-    description = {name: sum(len(t) for t in ts) for name, ts in parts}
+    description = {**{name: sum(len(t) for t in ts) for name, ts in parts}, **notes}
     if offline and args.mmlu_epochs > 0:
         description["note"] = "offline: MMLU auxiliary_train is not available locally, MMLU dev is used instead"
     train = TaskMixture(tasks)
@@ -344,7 +355,7 @@ def run(stage, argv=None, description=__doc__):
     if use_compile:
         model.compile_for_training()
 
-    train_task, val_task, mixture = build_mixtures(args)
+    train_task, val_task, mixture = build_mixtures(args, tokenizer)
     if args.overlong == "drop":
         t0 = time.time()
         train_task, dropped = drop_overlong(train_task, tokenizer, T + 1)

@@ -288,6 +288,27 @@ def test_custom_json_joins_the_mixture(chat_env, tmp_path):
     assert r["num_iterations"] is None and r["epochs"] >= 1 and r["step"] == 1
 
 
+def test_smoltalk_max_tokens_drops_long_chats_only(chat_env, capsys):
+    """--smoltalk-max-tokens filters the chat data alone: the tool-use tasks keep every conversation."""
+    from scripts import chat_sft
+    from nanochat.chat_data import render_row
+    from nanochat.tokenizer import get_tokenizer
+    tok = get_tokenizer()
+    flags = [*SMALL, "--smoltalk-size=200"]
+    _, _, full = chat_sft.build_mixtures(chat_sft.get_args("sft", flags), tok)
+    train, _, mix = chat_sft.build_mixtures(chat_sft.get_args("sft", [*flags, "--smoltalk-max-tokens=128"]), tok)
+    assert full["SmolTalk train"] == 200 and 0 < mix["SmolTalk train"] < 200
+    assert mix["smoltalk_dropped_long"] == 200 - mix["SmolTalk train"]
+    assert {k: v for k, v in mix.items() if k.startswith(("GSM8K", "Identity", "SpellingBee"))} == \
+           {k: v for k, v in full.items() if k.startswith(("GSM8K", "Identity", "SpellingBee"))}
+    smoltalk = train.tasks[0]  # the first part of the mixture: what is kept has its first reply within 129 tokens
+    assert len(smoltalk) == mix["SmolTalk train"]
+    assert all(render_row(tok, c, 129)[2] != "reply" for c in smoltalk)
+    with pytest.raises(SystemExit):
+        chat_sft.get_args("sft", [*SMALL, "--smoltalk-max-tokens=-1"])
+    assert "--smoltalk-max-tokens -1: must be >= 0" in capsys.readouterr().err
+
+
 # -----------------------------------------------------------------------------
 # torchrun
 
