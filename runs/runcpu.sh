@@ -52,9 +52,10 @@ mkdir -p "$NANOCHAT_BASE_DIR"
 # small learns the length of its replies from SFT, and a long reply from it falls into a loop and never
 # ends. Measured on a d6 after mid (50 held-out chat prompts, replies ending with <|assistant_end|> at
 # the chat CLI's T=0.6, top-k 50, three seeds): 512-token rows 25/50 (one seed), 256-token rows
-# 41/40/35, 128-token rows 46/43/47. The tool-use tasks need the longer row: 90% of the SpellingBee
-# counts are longer than 128 tokens, and with 128-token rows SFT lost letter counting (49 -> 46 of 50
-# held-out words on a d6; with 192-token rows 49 -> 49).
+# 41/40/35, 128-token rows 46/43/47; on a d6 pretrained twice as long, 128-token rows 46/46/48 and
+# these settings 45/43/47. The tool-use tasks need the longer row: 90% of the SpellingBee counts are
+# longer than 128 tokens, and with 128-token rows SFT lost letter counting (49 -> 46 of 50 held-out
+# words on that d6; with these settings 49 -> 49).
 DEPTH=4
 TAG=d$DEPTH
 SEQ=512
