@@ -145,10 +145,9 @@ def get_args(stage, argv=None, description=__doc__):
 # Mixtures
 
 
-def build_mixtures(args, tokenizer=None):
+def build_mixtures(args, tokenizer):
     """(train task, val task, description) from the mixture flags. Offline (NANOCHAT_LOCAL_DATA set)
-    MMLU has no auxiliary_train, so its small dev split stands in (with ARC train alongside).
-    `tokenizer` is needed only for --smoltalk-max-tokens."""
+    MMLU has no auxiliary_train, so its small dev split stands in (with ARC train alongside)."""
     from tasks.common import TaskMixture
     from tasks.arc import ARC
     from tasks.mmlu import MMLU
