@@ -8,12 +8,13 @@ from a model.
         ...                                   # one token per row per step, as soon as it is sampled
     sequences, masks = engine.generate_batch(prompt, num_samples=4, max_tokens=256)
 
-What it does:
-- KVCache: keys/values preallocated once per request, (layers, B, T_max, H_kv, D) in the model's
-  compute dtype (upstream bug #16: never a hard-coded dtype), filled in place; never resized (bug #7).
+- KVCache: keys/values preallocated once per request, (layers, B, T_max, H_kv, D), filled in place and
+  never resized (growing a cache with resize_ on a non-last dimension scrambles its contents). Its
+  dtype follows the model, never a hard-coded bf16 (which breaks MPS and fp32 inference).
 - The prompt is prefilled once at batch 1 and copied into the N-row decode cache; every row then
-  samples independently, the first token included (bug #6).
-- Sampling: temperature (0 = greedy), top-k (None or <= 0 = off, bug #9), top-p (nucleus), from a
+  samples independently, the first token included (sampling it once and copying it to every row
+  makes N samples start alike).
+- Sampling: temperature (0 = greedy), top-k (None or <= 0 = off), top-p (nucleus), from a
   torch.Generator seeded per request, so the same seed reproduces the same samples.
 - Tool use: a row that writes <|python_start|> code <|python_end|> gets the code run in the sandbox
   (nanochat.execution, a subprocess, safe from any thread) and <|output_start|> result
@@ -22,18 +23,15 @@ What it does:
   after max_tokens, or when the context (config.sequence_len) is full -- never with an error.
 
 Speed: a model whose master weights are fp32 but computes in bf16 would cast every weight on every
-forward. The engine therefore runs an inference copy of the weights in the compute dtype, refreshed
-only when the master weights change (RL updates them between rollouts). Scripts that only ever infer
-call prepare_for_inference(model) instead, which casts the model itself and saves the copy. On a
-bf16 CPU the matrices are also prepacked for oneDNN (pack_linears), ~3x faster for batch-1 decode.
-Per step, decode does one forward of the new token column, one sampling call and one .tolist().
-
-    python -m nanochat.engine --source base      # smoke test: naive GPT.generate vs the engine
+forward, so the engine runs an inference copy of the weights in the compute dtype. Training that
+writes through .data (the optimizers do) is invisible to it: call refresh_weights() after such a
+step (RL does). Scripts that only ever infer call prepare_for_inference(model) instead, which casts
+the model itself and saves the copy. On a bf16 CPU the matrices are also prepacked for oneDNN
+(pack_linears), ~3x faster for batch-1 decode. Per step, decode does one forward of the new token
+column, one sampling call and one .tolist().
 """
 
-import argparse
 import threading
-import time
 from collections import deque
 
 import torch
@@ -116,15 +114,15 @@ def prepare_for_inference(model):
     for p in model.parameters():
         if p.is_floating_point() and p.dtype != model.compute_dtype:
             p.data = p.data.to(model.compute_dtype)
-    pack_linears(model)
-    return model
+    return pack_linears(model)
 
 
 def _packable(model):
     try:
+        ops = torch.ops.mkldnn
         return (model.lm_head.weight.device.type == "cpu" and model.compute_dtype == torch.bfloat16
-                and torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-                and hasattr(torch.ops.mkldnn, "_reorder_linear_weight") and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
+                and torch.backends.mkldnn.is_available() and ops._is_mkldnn_bf16_supported()
+                and hasattr(ops, "_reorder_linear_weight") and hasattr(ops, "_linear_pointwise"))
     except (AttributeError, RuntimeError):
         return False
 
@@ -135,10 +133,15 @@ def _version(t):
     return t.data_ptr(), (None if t.is_inference() else t._version)
 
 
+def _plain_path(x, w):
+    """True where the prepacked op does not apply: not bf16 on the CPU, or autograd needs a backward."""
+    return (x.dtype != torch.bfloat16 or w.dtype != torch.bfloat16 or x.device.type != "cpu"
+            or (torch.is_grad_enabled() and w.requires_grad))
+
+
 def _packed_linear_forward(module, x):
     w = module.weight
-    if (x.dtype != torch.bfloat16 or w.dtype != torch.bfloat16 or x.device.type != "cpu"
-            or (torch.is_grad_enabled() and w.requires_grad)):  # the packed op has no backward
+    if _plain_path(x, w):
         return type(module).forward(module, x)
     if module.packed_version != _version(w):  # weights changed since packing
         module.packed_weight = torch.ops.mkldnn._reorder_linear_weight(w.detach(), 1)
@@ -148,11 +151,9 @@ def _packed_linear_forward(module, x):
 
 def _packed_qkv(attn, x):
     """CausalSelfAttention.project_qkv as one prepacked matmul over [W_q; W_k; W_v]: one call
-    instead of three, which at batch 1 is most of the cost of these small matrices, and no copy to put
-    q and k side by side."""
+    instead of three, which at batch 1 is most of the cost of these small matrices."""
     ws = (attn.c_q.weight, attn.c_k.weight, attn.c_v.weight)
-    if (x.dtype != torch.bfloat16 or ws[0].dtype != torch.bfloat16 or x.device.type != "cpu"
-            or (torch.is_grad_enabled() and ws[0].requires_grad)):
+    if _plain_path(x, ws[0]):
         return type(attn).project_qkv(attn, x)
     versions = tuple(_version(w) for w in ws)
     if attn.qkv_version != versions:
@@ -180,10 +181,6 @@ def pack_linears(model):
     return model
 
 
-def _weights_in_compute_dtype(model):
-    return all(p.dtype == model.compute_dtype for p in model.parameters() if p.is_floating_point())
-
-
 def _inference_copy(model):
     """A copy of `model` with its weights in the compute dtype, ready for inference (prepacked)."""
     dtype = model.compute_dtype
@@ -208,7 +205,7 @@ def last_logits(model, ids, kv_cache):
 
 def sample_next(logits, rng, temperature=1.0, top_k=None, top_p=None):
     """One token id per row of logits (B, V), each row sampled independently. temperature 0 = argmax;
-    top_k None or <= 0 = no top-k filter; top_p None or 1 = no nucleus filter."""
+    top_k None or <= 0 = no top-k filter (topk(0) would crash); top_p None or 1 = no nucleus filter."""
     if temperature == 0:
         return logits.argmax(dim=-1)
     logits = logits / temperature
@@ -227,6 +224,9 @@ def sample_next(logits, rng, temperature=1.0, top_k=None, top_p=None):
     return (choice if idx is None else idx.gather(-1, choice)).squeeze(-1)
 
 
+# -----------------------------------------------------------------------------
+# Prompts and replies as text
+
 def render_prompt(tokenizer, messages):
     """Token ids that prompt the assistant's reply to a conversation that ends with a user message:
     exactly render_conversation's layout followed by <|assistant_start|>. `messages` is a list of
@@ -238,14 +238,13 @@ def render_prompt(tokenizer, messages):
     return tokenizer.render_for_completion({**conversation, "messages": msgs + [{"role": "assistant", "content": ""}]})
 
 
-# -----------------------------------------------------------------------------
-# Streaming helpers
-
 class TextStream:
-    """Incremental detokenizer for streaming: add(token id) returns the text that can be shown now.
-    A character split across tokens decodes to U+FFFD until its last byte arrives, so text ending in
-    U+FFFD is held back (upstream bug #24). Ids are dropped once they decode cleanly: UTF-8 is
-    self-synchronising, so later bytes can never change text that ended on a whole character."""
+    """Incremental detokenizer for streaming: add(token id) returns the text that can be shown now, so
+    the pieces concatenate to exactly decode(all ids). A character split across tokens decodes to
+    U+FFFD until its last byte arrives, so text ending in U+FFFD is held back (emitting it would show
+    broken halves of the character). Ids are dropped once they decode cleanly: UTF-8 is
+    self-synchronising, so later bytes never change text that ended on a whole character, and each
+    add() decodes only the few ids since the last piece."""
 
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
@@ -271,25 +270,17 @@ def reply_content(tokenizer, ids):
     render_conversation takes it: a str if the reply is plain text, else a list of text / python /
     python_output parts. render_conversation of the result gives back `ids` whenever the model's
     text tokens are the tokenizer's own encoding of that text (tested)."""
-    kinds = {tokenizer.encode_special("<|python_start|>"): "python",
-             tokenizer.encode_special("<|output_start|>"): "python_output"}
-    ends = {tokenizer.encode_special("<|python_end|>"), tokenizer.encode_special("<|output_end|>")}
+    sp = tokenizer.encode_special
+    kinds = {sp("<|python_start|>"): "python", sp("<|output_start|>"): "python_output",
+             sp("<|python_end|>"): "text", sp("<|output_end|>"): "text"}
     parts, kind, current = [], "text", []
-
-    def close():
-        if current or kind != "text":
-            parts.append({"type": kind, "text": tokenizer.decode(current)})
-
-    for t in ids:
-        if t in kinds:
-            close()
-            kind, current = kinds[t], []
-        elif t in ends:
-            close()
-            kind, current = "text", []
+    for t in ids + [None]:  # None closes the last part
+        if t in kinds or t is None:
+            if current or kind != "text":
+                parts.append({"type": kind, "text": tokenizer.decode(current)})
+            kind, current = kinds.get(t), []
         else:
             current.append(t)
-    close()
     if all(p["type"] == "text" for p in parts):
         return "".join(p["text"] for p in parts)
     return parts
@@ -314,35 +305,46 @@ class Engine:
     own cache and generator); tool calls run in a sandboxed subprocess for at most tool_timeout s."""
 
     def __init__(self, model, tokenizer, tool_timeout=TOOL_TIMEOUT, tool_output_bytes=TOOL_OUTPUT_BYTES):
-        self.model = model
-        self.tokenizer = tokenizer
-        self.tool_timeout = tool_timeout
-        self.tool_output_bytes = tool_output_bytes
+        self.model, self.tokenizer = model, tokenizer
+        self.tool_timeout, self.tool_output_bytes = tool_timeout, tool_output_bytes
         sp = tokenizer.encode_special
         self.assistant_end, self.bos = sp("<|assistant_end|>"), tokenizer.get_bos_token_id()
         self.python_start, self.python_end = sp("<|python_start|>"), sp("<|python_end|>")
         self.output_start, self.output_end = sp("<|output_start|>"), sp("<|output_end|>")
-        self._copy = None           # inference copy of the weights (see the module docstring)
-        self._copy_versions = None  # the master weights' versions when it was made
+        self._copy = None      # inference copy of the weights (see the module docstring)
+        self._versions = None  # the master weights' versions when the copy was last synced
         self._lock = threading.Lock()
 
+    def _master_versions(self):
+        return [_version(p) for p in self.model.parameters()]
+
+    def _sync_copy(self):
+        with torch.inference_mode(False), torch.no_grad():  # a version bump, so the packed weights follow
+            for c, p in zip(self._copy.parameters(), self.model.parameters()):
+                c.copy_(p)
+        self._versions = self._master_versions()
+
+    def refresh_weights(self):
+        """Copy the model's current weights into the inference copy, in place (no new allocation).
+        Call it after an optimizer step: writes through .data bump no version counter, so the engine
+        cannot see them by itself. A no-op while the engine runs the model's own tensors."""
+        with self._lock:
+            if self._copy is not None:
+                self._sync_copy()
+
     def _inference_model(self):
-        """The model to run: the model itself if its weights are already in the compute dtype, else a
-        copy in the compute dtype, re-synced whenever the master weights have changed since."""
+        """The model to run: the model itself if its weights are already in the compute dtype, else
+        the copy in the compute dtype, re-synced if the master weights were changed visibly since."""
         model = self.model
-        if _weights_in_compute_dtype(model):
+        if all(p.dtype == model.compute_dtype for p in model.parameters() if p.is_floating_point()):
             self._copy = None
             return model
         with self._lock:
-            params = list(model.parameters())
-            versions = [_version(p) for p in params]
             if self._copy is None:
                 self._copy = _inference_copy(model)
-            elif versions != self._copy_versions:
-                with torch.no_grad():
-                    for c, p in zip(self._copy.parameters(), params):
-                        c.copy_(p)
-            self._copy_versions = versions
+                self._versions = self._master_versions()
+            elif self._master_versions() != self._versions:
+                self._sync_copy()
             return self._copy
 
     def _run_tool(self, code_ids):
@@ -355,10 +357,7 @@ class Engine:
         """Advance one row's state machine by one step: (token, mask)."""
         if row.done:
             return row.end_token, 0  # filler that keeps the batch aligned; consumers stopped at end_token
-        if row.forced:
-            token, mask = row.forced.popleft(), 0
-        else:
-            token, mask = sampled, 1
+        token, mask = (row.forced.popleft(), 0) if row.forced else (sampled, 1)
         if token == self.assistant_end or token == self.bos:
             row.done, row.end_token = True, token
         elif token == self.python_start:
@@ -446,43 +445,3 @@ class Engine:
             if all(done):
                 break
         return sequences, masks
-
-
-# -----------------------------------------------------------------------------
-
-def main(argv=None):
-    from nanochat.common import compute_init
-    from nanochat.checkpoint import load_model
-    p = argparse.ArgumentParser(description="Smoke test: greedy tokens from the naive GPT.generate (no cache) "
-                                            "and from the engine must match; prints both timings.")
-    p.add_argument("--source", default="base", help="checkpoint stage: base, mid, sft or rl (default base)")
-    p.add_argument("--model-tag", default=None, help="checkpoint tag (default: the only one there)")
-    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
-    p.add_argument("--prompt", default="The chemical formula of water is", help="text to continue")
-    p.add_argument("--max-tokens", type=int, default=64, help="tokens to generate (default 64)")
-    p.add_argument("--device-type", default="", help="cuda, mps or cpu (default: autodetect)")
-    args = p.parse_args(argv)
-    rt = compute_init(args.device_type)
-    model, tokenizer, _ = load_model(args.source, rt.device, phase="eval", model_tag=args.model_tag,
-                                     step=args.step, compute_dtype=rt.dtype)
-    prepare_for_inference(model)
-    tokens = tokenizer.encode(args.prompt, prepend="<|bos|>")
-    timings = {}
-    outputs = {}
-    for name, fn in (("naive", lambda: list(model.generate(tokens, args.max_tokens, temperature=0))),
-                     ("engine", lambda: [col[0] for col, _ in Engine(model, tokenizer).generate(
-                         tokens, max_tokens=args.max_tokens, temperature=0)])):
-        t0 = time.perf_counter()
-        outputs[name] = fn()
-        timings[name] = time.perf_counter() - t0
-        print(f"{name:6s} {timings[name]:6.2f}s  {tokenizer.decode(outputs[name])!r}")
-    n = min(len(outputs["naive"]), len(outputs["engine"]))  # the engine stops early at a terminal token
-    match = outputs["naive"][:n] == outputs["engine"][:n]
-    print(f"match: {match} ({n} tokens), speedup {timings['naive'] / timings['engine']:.1f}x, dtype {rt.dtype}")
-    if not match:
-        raise SystemExit(1)
-
-
-if __name__ == "__main__":
-    from nanochat.common import run_cli
-    run_cli(main)

@@ -5,44 +5,32 @@ the model via ExecutionResult.summary()) and HumanEval scoring (did the program 
 
     result = execute_code("print(sum(range(10)))")          # ExecutionResult(success=True, stdout="45\n", ...)
     execute_code("'strawberry'.count('r')", repl_mode=True)  # stdout "3\n", like the Python REPL
+    python -m scripts.sandbox -c "print(1)"                  # from the shell, with the layers that held
 
-How the child is isolated (each layer is used when the machine allows it; the kernel layers are what
-actually hold, the Python layer catches the ordinary cases everywhere):
-  * a fresh interpreter (`python -I -B`, a new session/process group, never a fork of the caller), so
-    it is safe to call from any thread; the wall-clock timeout is enforced by the parent, which kills
-    the whole process group -- no SIGALRM, which only works on the main thread
-  * rlimits: address space + data (memory), CPU seconds, file size, no core files
-  * environment scrubbed to a minimal PATH, stdin closed, cwd = a fresh temp dir deleted afterwards
-  * stdout/stderr read incrementally with a byte cap, so a child printing gigabytes costs the parent
-    a bounded amount of memory
-  * Linux: a new network namespace (inside a new user namespace when unprivileged users may create
-    one), so there is no usable network interface at all
+Isolation, layer by layer (each where the machine allows it; the kernel layers are what hold, the
+Python layer catches the ordinary cases everywhere):
+  * a fresh interpreter (`python -I -B`, its own process group, never a fork of the caller), so it is
+    safe from any thread: the parent enforces the wall clock by killing the group (no SIGALRM)
+  * rlimits (memory, CPU seconds, file size, no core files); a minimal environment, stdin closed,
+    cwd = a fresh temp dir deleted afterwards; output read incrementally with a byte cap
+  * Linux: a new network namespace (inside a new user namespace where allowed): no network at all
   * Linux >= 5.13: Landlock -- writes only beneath the temp dir, reads only from the Python install,
-    system library dirs, the temp dir and a few harmless files (so no ~/.ssh, no other processes'
-    /proc entries), no execve; on newer kernels also no TCP bind/connect and no signals to processes
-    outside the sandbox
-  * Linux x86-64/aarch64: a seccomp filter refusing fork/vfork/clone-without-CLONE_THREAD and execve,
-    so no new process can exist (threads still work); where seccomp is unavailable, RLIMIT_NPROC=0
-    instead (effective for non-root users only, and it also forbids threads)
-  * everywhere: a `sys.addaudithook` hook (hooks cannot be removed from Python) that refuses sockets,
-    process creation, signals, importing ctypes (and other raw native-memory modules), gc object
-    enumeration, writes/renames/removals outside the temp dir, symlink creation and reads of other
-    processes' /proc entries
+    system library dirs and a few harmless files (no ~/.ssh, no other processes' /proc), no execve;
+    on newer kernels also no TCP bind/connect and no signals to processes outside
+  * Linux x86-64/aarch64: seccomp refuses fork/vfork/clone-without-CLONE_THREAD and execve (threads
+    still work); without seccomp, RLIMIT_NPROC=0 (non-root users only; it also forbids threads)
+  * everywhere: an audit hook (which Python cannot remove) refusing sockets, processes, signals,
+    ctypes and other raw native-memory modules, gc enumeration, writes outside the temp dir,
+    symlinks, and reads of other processes' /proc entries
 
-What this does NOT protect against -- it is not a security boundary against a determined attacker:
-  * native code and Python-level tricks: the audit hook only sees what Python reports to it -- a
-    file opened through `dir_fd` is checked against the wrong directory, an extension module such as
-    _ctypes loaded by hand through importlib slips past the import check, and native code then does
-    as it likes; C extensions and interpreter bugs run with the caller's user id on the same kernel.
-    On machines without Landlock/seccomp/namespaces (macOS, old kernels, some containers) only the
-    audit hook and rlimits remain, so this is exactly what is left
-  * the kernel is shared: kernel bugs, CPU side channels, and resource exhaustion that rlimits do
-    not cover (total disk use in the temp dir is limited per file, not in total; many threads)
-  * everything a same-user process may read is readable where Landlock is unavailable
-For untrusted, multi-tenant use (a public web UI, an API served to strangers), run the whole server
-or this function inside a container or VM with its own user, filesystem and network.
-
-Linux and macOS only (needs POSIX process groups and the `resource` module).
+It is NOT a security boundary against a determined attacker: the audit hook sees only what Python
+reports (a file opened through `dir_fd` is checked against the wrong directory; _ctypes loaded by
+hand through importlib slips past the import check, and native code then does as it likes); C
+extensions and kernel bugs, side channels and what rlimits do not cover (total disk use, many
+threads) remain; where Landlock, seccomp and namespaces are missing (macOS, old kernels, some
+containers) only the audit hook and rlimits are left. For untrusted, multi-tenant use (a public web
+UI or API), run the server in a container or VM with its own user, filesystem and network.
+Linux and macOS only (POSIX process groups, the `resource` module).
 """
 
 import os
@@ -86,25 +74,17 @@ class ExecutionResult:
         err = f"Error: {self.error or 'execution failed'}"
         return f"{out}\n{err}" if out.strip() else err
 
-    def __str__(self):
-        return self.summary()
+    __str__ = summary
 
 
 def execute_code(code: str, timeout: float = DEFAULT_TIMEOUT, memory_limit_bytes: int = DEFAULT_MEMORY_LIMIT,
                  max_output_bytes: int = DEFAULT_MAX_OUTPUT, *, repl_mode: bool = False) -> ExecutionResult:
     """Run `code` in a fresh, isolated Python process and return what it printed and how it ended.
-
-    timeout: wall-clock seconds before the process group is killed (CPU time is capped a bit above it).
-    memory_limit_bytes: address-space limit of the child; exceeding it shows up as memory_exceeded.
-    max_output_bytes: at most this much of stdout and of stderr is kept (beginning and end); the rest
-        is read and discarded, and output_truncated is set.
-    repl_mode: if the last statement is an expression, print its repr like the interactive
-        interpreter does (`'strawberry'.count('r')` prints 3). Used for the model's tool calls.
-
-    Safe to call from any thread and concurrently. Not a security boundary against a determined
-    attacker: see the module docstring for what is and is not isolated, and run untrusted
-    multi-tenant workloads in a container or VM.
-    """
+    timeout: wall-clock seconds before the process group is killed (CPU time is capped a bit above it);
+    memory_limit_bytes: the child's address-space limit (exceeding it sets memory_exceeded);
+    max_output_bytes: how much of stdout and of stderr is kept, beginning and end (output_truncated
+    says whether some was dropped); repl_mode: print the repr of a final expression as the interactive
+    interpreter does (`'strawberry'.count('r')` prints 3), for the model's tool calls."""
     if not isinstance(code, str):
         raise TypeError(f"code must be a str, got {type(code).__name__}")
     if not (isinstance(timeout, (int, float)) and math.isfinite(timeout) and timeout > 0):
@@ -121,8 +101,7 @@ def execute_code(code: str, timeout: float = DEFAULT_TIMEOUT, memory_limit_bytes
         raise RuntimeError("sys.executable is empty, so no fresh Python interpreter can be started for the sandbox")
 
     sandbox_dir = os.path.realpath(tempfile.mkdtemp(prefix="nanochat-sandbox-"))
-    proc = None
-    status_r = status_w = -1
+    proc, status_r, status_w = None, -1, -1
     try:
         # backslashreplace: a lone surrogate (which UTF-8 cannot hold) becomes its \uXXXX escape,
         # which inside a string literal -- the only place it can legally appear -- means the same thing
@@ -154,7 +133,6 @@ def execute_code(code: str, timeout: float = DEFAULT_TIMEOUT, memory_limit_bytes
             if fd >= 0:
                 os.close(fd)
         _remove_tree(sandbox_dir)
-
     return _make_result(proc.returncode, out, err, status, timed_out, timeout, memory_limit_bytes)
 
 
@@ -162,16 +140,10 @@ def execute_code(code: str, timeout: float = DEFAULT_TIMEOUT, memory_limit_bytes
 # Parent side
 
 def _child_env(sandbox_dir):
-    """A minimal environment: nothing of the caller's (API keys, tokens) reaches the child."""
-    return {
-        "PATH": "/usr/bin:/bin",
-        "HOME": sandbox_dir,
-        "TMPDIR": sandbox_dir,  # tempfile.* in the child lands in the writable dir
-        "LANG": "C.UTF-8",
-        # one thread per math library, and few malloc arenas: each arena reserves 64 MiB of address
-        # space, which would eat the RLIMIT_AS budget for nothing
-        "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "MALLOC_ARENA_MAX": "2",
-    }
+    # Nothing of the caller's (API keys, tokens) reaches the child. TMPDIR: tempfile.* lands in the writable
+    # dir. One thread per math library and few malloc arenas (each reserves 64 MiB of RLIMIT_AS).
+    return {"PATH": "/usr/bin:/bin", "HOME": sandbox_dir, "TMPDIR": sandbox_dir, "LANG": "C.UTF-8",
+            "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "MALLOC_ARENA_MAX": "2"}
 
 
 class _Capture:
@@ -196,31 +168,33 @@ class _Capture:
         return self.total > self.head_keep + self.tail_keep
 
     def text(self):
-        head = self.head.decode("utf-8", errors="replace")
-        tail = self.tail.decode("utf-8", errors="replace")
+        head, tail = (b.decode("utf-8", errors="replace") for b in (self.head, self.tail))
         if not self.truncated:
             return head + tail
-        dropped = self.total - len(self.head) - len(self.tail)
-        return f"{head}\n... [{dropped} bytes of output truncated] ...\n{tail}"
+        return f"{head}\n... [{self.total - len(self.head) - len(self.tail)} bytes of output truncated] ...\n{tail}"
+
+
+def _drain(sel, captures, deadline):
+    """Read the registered pipes into their captures until all are closed (True) or the deadline."""
+    while sel.get_map():
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return False
+        for key, _ in sel.select(remaining):
+            chunk = os.read(key.fd, _READ_CHUNK)
+            if chunk:
+                captures[key.fd].add(chunk)
+            else:
+                sel.unregister(key.fd)
+    return True
 
 
 def _collect(proc, captures, deadline):
     """Drain the child's pipes until they close and it exits, or until the deadline. True on timeout."""
-    timed_out = False
     with selectors.DefaultSelector() as sel:
         for fd in captures:
             sel.register(fd, selectors.EVENT_READ)
-        while sel.get_map():
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                timed_out = True
-                break
-            for key, _ in sel.select(remaining):
-                chunk = os.read(key.fd, _READ_CHUNK)
-                if chunk:
-                    captures[key.fd].add(chunk)
-                else:
-                    sel.unregister(key.fd)
+        timed_out = not _drain(sel, captures, deadline)
         if not timed_out:
             try:  # the pipes are closed; the child may still be running (it closed them itself)
                 proc.wait(max(0.0, deadline - time.monotonic()))
@@ -231,53 +205,32 @@ def _collect(proc, captures, deadline):
             proc.wait()
             # whatever it printed before being killed is still in the pipe; every writer is dead now,
             # so this ends at EOF (the 1 s guard only matters if some stray process kept a pipe open)
-            while sel.get_map():
-                ready = sel.select(1.0)
-                if not ready:
-                    break
-                for key, _ in ready:
-                    chunk = os.read(key.fd, _READ_CHUNK)
-                    if chunk:
-                        captures[key.fd].add(chunk)
-                    else:
-                        sel.unregister(key.fd)
+            _drain(sel, captures, time.monotonic() + 1.0)
     return timed_out
 
 
 def _kill_group(proc):
     # The child leads its own session (start_new_session), so its pid is also its process group id.
     # Only called before the child is reaped, so the pid cannot have been reused.
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except OSError:
-        pass
-    try:
-        proc.kill()
-    except OSError:
-        pass
+    for kill in (lambda: os.killpg(proc.pid, signal.SIGKILL), proc.kill):
+        try:
+            kill()
+        except OSError:
+            pass
 
 
 def _remove_tree(path):
     # The code may have chmod-ed directories to 0; give them back to the owner so rmtree can empty them.
-    try:
-        os.chmod(path, 0o700)
-        for root, dirs, _ in os.walk(path):
-            for d in dirs:
-                try:
-                    os.chmod(os.path.join(root, d), 0o700, follow_symlinks=False)
-                except OSError:
-                    pass
-    except OSError:
-        pass
+    def unlock(p):
+        try:
+            os.chmod(p, 0o700, follow_symlinks=False)
+        except OSError:
+            pass
+    unlock(path)
+    for root, dirs, _ in os.walk(path):
+        for d in dirs:
+            unlock(os.path.join(root, d))
     shutil.rmtree(path, ignore_errors=True)
-
-
-def _last_error_line(stderr_text):
-    """The last top-level line of stderr: for a traceback that is "ValueError: message"."""
-    for line in reversed(stderr_text.splitlines()):
-        if line.strip() and not line[0].isspace() and not line.startswith("... ["):
-            return line.strip()[:500]
-    return None
 
 
 def _make_result(returncode, out, err, status, timed_out, timeout, memory_limit):
@@ -286,24 +239,23 @@ def _make_result(returncode, out, err, status, timed_out, timeout, memory_limit)
         protections = tuple(json.loads(status.text()).get("protections", ()))
     except ValueError:
         protections = ()
-    last = _last_error_line(stderr)
+    # the last top-level line of stderr: for a traceback that is "ValueError: message"
+    tops = [ln.strip() for ln in stderr.splitlines() if ln[:1].strip() and not ln.startswith("... [")]
+    last = tops[-1][:500] if tops else None
     memory_exceeded = False
-    cpu_killed = returncode == -signal.SIGXCPU and not timed_out
     if timed_out:
         error = f"timeout after {float(timeout)!r}s"
-    elif cpu_killed:
+    elif returncode == -signal.SIGXCPU:
         # RLIMIT_CPU fired first: several threads burning CPU in parallel outrun the wall clock
         timed_out, error = True, f"CPU time limit of {_cpu_limit(timeout)}s exceeded"
     elif last is not None and ("MemoryError" in last or "Cannot allocate memory" in last):
         memory_exceeded, error = True, f"memory limit {memory_limit / 2**20:g} MiB exceeded"
     elif returncode == 0:
         error = None
+    elif returncode == -signal.SIGINT and last == "KeyboardInterrupt":  # unhandled, it re-raises SIGINT
+        error = last
     elif returncode < 0:
-        try:
-            name = signal.Signals(-returncode).name
-        except ValueError:
-            name = str(-returncode)
-        error = f"killed by signal {name}"
+        error = f"killed by signal {next((s.name for s in signal.Signals if s == -returncode), -returncode)}"
     else:
         error = last or f"exited with status {returncode}"
     return ExecutionResult(success=returncode == 0 and not timed_out, stdout=stdout, stderr=stderr, error=error,
@@ -321,21 +273,16 @@ def _cpu_limit(timeout):
 # ctypes), then the user code.
 
 def _child_main(config_json):
-    import ast, types, traceback, resource  # noqa: F401  (imported before the memory limit is set)
+    import ast, types, traceback, resource  # imported before the memory limit is set
     cfg = json.loads(config_json)
     sandbox_dir = os.path.realpath(os.getcwd())
     with open(USER_FILE, encoding="utf-8") as f:
         source = f.read()
-
-    protections = []
     _set_rlimits(resource, cfg["timeout"], cfg["memory_limit"])
-    protections.append("rlimits")
-    no_spawn = False
+    protections = ["rlimits"]
     if sys.platform.startswith("linux"):
-        layers = _linux_kernel_layers(sandbox_dir)
-        protections += layers
-        no_spawn = "seccomp" in layers
-    if not no_spawn:
+        protections += _linux_kernel_layers(sandbox_dir)
+    if "seccomp" not in protections:
         # fallback: no new processes (or threads) for this uid; root is exempt, which is why seccomp comes first
         try:
             resource.setrlimit(resource.RLIMIT_NPROC, (0, 0))
@@ -355,17 +302,36 @@ def _child_main(config_json):
     sys.stdout.reconfigure(line_buffering=True)
     sys.stderr.reconfigure(line_buffering=True)
     sys.argv = [USER_FILE]
-    _run_user_code(source, cfg["repl_mode"])
+    # An exception (a SyntaxError included) leaves the interpreter with status 1, its traceback
+    # starting at the user's own frames; the code's own sys.exit(n) sets the status as usual.
+    sys.excepthook = lambda kind, exc, tb: traceback.print_exception(kind, exc, _user_frames(tb))
+    tree = ast.parse(source, USER_FILE)
+    last_expr = None
+    if cfg["repl_mode"] and tree.body and isinstance(tree.body[-1], ast.Expr):
+        last_expr = ast.Expression(tree.body.pop().value)
+    main = types.ModuleType("__main__")  # fresh globals; pickle etc. find user classes in __main__
+    main.__file__ = USER_FILE
+    main.__builtins__ = __builtins__
+    sys.modules["__main__"] = main
+    exec(compile(tree, USER_FILE, "exec"), main.__dict__)
+    if last_expr is not None:
+        sys.displayhook(eval(compile(last_expr, USER_FILE, "eval"), main.__dict__))
+
+
+def _user_frames(tb):
+    """The traceback from the first frame of the user's code on (the sandbox's own frames dropped)."""
+    while tb is not None and tb.tb_frame.f_code.co_filename != USER_FILE:
+        tb = tb.tb_next
+    return tb
 
 
 def _set_rlimits(resource, timeout, memory_limit):
     cpu = _cpu_limit(timeout)
-    limits = [("RLIMIT_AS", memory_limit), ("RLIMIT_DATA", memory_limit), ("RLIMIT_FSIZE", memory_limit),
-              ("RLIMIT_CORE", 0), ("RLIMIT_CPU", (cpu, cpu + 1))]
-    for name, value in limits:
-        soft, hard = value if isinstance(value, tuple) else (value, value)
+    m = memory_limit
+    for name, limits in [("RLIMIT_AS", (m, m)), ("RLIMIT_DATA", (m, m)), ("RLIMIT_FSIZE", (m, m)),
+                         ("RLIMIT_CORE", (0, 0)), ("RLIMIT_CPU", (cpu, cpu + 1))]:
         try:
-            resource.setrlimit(getattr(resource, name), (soft, hard))
+            resource.setrlimit(getattr(resource, name), limits)
         except (ValueError, OSError, AttributeError):
             pass  # e.g. macOS rejects RLIMIT_AS; the other layers still apply
     # a write past RLIMIT_FSIZE should raise OSError(EFBIG) in the code, not kill it with SIGXFSZ
@@ -384,9 +350,7 @@ def _linux_kernel_layers(sandbox_dir):
     # A new user namespace lets unprivileged users create the network namespace; as root it also
     # drops every capability the child had over the rest of the system. Plain CLONE_NEWNET is the
     # fallback for root where user namespaces are disabled.
-    if libc.unshare(CLONE_NEWUSER | CLONE_NEWNET) == 0:
-        layers.append("netns")
-    elif libc.unshare(CLONE_NEWNET) == 0:
+    if libc.unshare(CLONE_NEWUSER | CLONE_NEWNET) == 0 or libc.unshare(CLONE_NEWNET) == 0:
         layers.append("netns")
     PR_SET_NO_NEW_PRIVS = 38  # required for unprivileged Landlock and seccomp
     if libc.prctl(PR_SET_NO_NEW_PRIVS, ctypes.c_ulong(1), ctypes.c_ulong(0), ctypes.c_ulong(0),
@@ -437,8 +401,8 @@ def _landlock(ctypes, libc, machine, sandbox_dir):
     abi = libc.syscall(ctypes.c_long(sys_create), None, ctypes.c_size_t(0), ctypes.c_uint32(1))  # 1 = get version
     if abi < 1:
         return 0
-    fs = _LL_ABI1_ALL | (_LL_REFER if abi >= 2 else 0) | (_LL_TRUNCATE if abi >= 3 else 0) \
-        | (_LL_IOCTL_DEV if abi >= 5 else 0)
+    fs = (_LL_ABI1_ALL | (_LL_REFER if abi >= 2 else 0) | (_LL_TRUNCATE if abi >= 3 else 0)
+          | (_LL_IOCTL_DEV if abi >= 5 else 0))
     net = 0b11 if abi >= 4 else 0      # BIND_TCP | CONNECT_TCP handled, no port allowed
     scoped = 0b11 if abi >= 6 else 0   # abstract unix sockets and signals only within the sandbox
     attr = (ctypes.c_uint64 * 3)(fs, net, scoped)
@@ -529,53 +493,47 @@ def _seccomp_no_processes(ctypes, libc, machine):
 
 
 # audit event -> ((index of a path argument, index of its dir_fd argument or None), ...)
-_PATH_EVENTS = {
-    "os.remove": ((0, 1),), "os.rmdir": ((0, 1),), "os.mkdir": ((0, 2),),
-    "os.rename": ((0, 2), (1, 3)), "os.link": ((0, 2), (1, 3)),
-    "os.chmod": ((0, 2),), "os.chown": ((0, 3),), "os.utime": ((0, 3),), "os.truncate": ((0, None),),
-    "os.setxattr": ((0, None),), "os.removexattr": ((0, None),),
-    "os.chflags": ((0, None),), "os.lchflags": ((0, None),),
-}
-_SPAWN_EVENTS = frozenset({"subprocess.Popen", "os.system", "os.fork", "os.forkpty", "os.exec", "os.posix_spawn",
-                           "os.spawn", "os.startfile"})
-_SIGNAL_EVENTS = frozenset({"os.kill", "os.killpg", "signal.pthread_kill"})
-_NATIVE_EVENTS = frozenset({"ctypes.dlopen", "ctypes.dlsym", "ctypes.dlsym/handle", "ctypes.call_function",
-                            "ctypes.cdata", "ctypes.string_at", "ctypes.wstring_at",
-                            "sqlite3.enable_load_extension", "sqlite3.load_extension"})
+_PATH_EVENTS = {"os.remove": ((0, 1),), "os.rmdir": ((0, 1),), "os.mkdir": ((0, 2),), "os.rename": ((0, 2), (1, 3)),
+                "os.link": ((0, 2), (1, 3)), "os.chmod": ((0, 2),), "os.chown": ((0, 3),), "os.utime": ((0, 3),),
+                **dict.fromkeys(("os.truncate", "os.setxattr", "os.removexattr", "os.chflags", "os.lchflags"),
+                                ((0, None),))}
 # modules that give raw access to native memory or calls; importing them raises ImportError, which
 # libraries with an optional ctypes dependency (numpy, for one) already handle
 _BLOCKED_MODULES = frozenset({"ctypes", "_ctypes", "_ctypes_test", "cffi", "_cffi_backend", "_testcapi",
                               "_testinternalcapi", "_testbuffer", "_testmultiphase", "_testsinglephase",
                               "_testimportmultiple", "_xxtestfuzz", "_xxsubinterpreters"})
-# gc enumeration is the one way to reach the hook function itself (and its captured state)
-_INTROSPECTION_EVENTS = frozenset({"gc.get_objects", "gc.get_referrers", "gc.get_referents", "sys._current_frames"})
-_NETWORK_EVENTS = frozenset({"urllib.Request", "http.client.connect", "ftplib.connect", "smtplib.connect",
-                             "poplib.connect", "imaplib.open", "nntplib.connect", "telnetlib.Telnet.open",
-                             "webbrowser.open"})
+# audit event -> the message it is refused with (every "socket.*" event is refused too)
+_REFUSED = {
+    **dict.fromkeys(("subprocess.Popen", "os.system", "os.fork", "os.forkpty", "os.exec", "os.posix_spawn",
+                     "os.spawn", "os.startfile"), "starting processes is disabled in the sandbox"),
+    **dict.fromkeys(("os.kill", "os.killpg", "signal.pthread_kill"), "sending signals is disabled in the sandbox"),
+    **dict.fromkeys(("ctypes.dlopen", "ctypes.dlsym", "ctypes.dlsym/handle", "ctypes.call_function", "ctypes.cdata",
+                     "ctypes.string_at", "ctypes.wstring_at", "sqlite3.enable_load_extension",
+                     "sqlite3.load_extension"), "loading or calling native code is disabled in the sandbox"),
+    # gc enumeration is the one way to reach the hook function itself (and its captured state)
+    **{e: f"{e} is disabled in the sandbox"
+       for e in ("gc.get_objects", "gc.get_referrers", "gc.get_referents", "sys._current_frames")},
+    **dict.fromkeys(("urllib.Request", "http.client.connect", "ftplib.connect", "smtplib.connect", "poplib.connect",
+                     "imaplib.open", "nntplib.connect", "telnetlib.Telnet.open", "webbrowser.open"),
+                    "network access is disabled in the sandbox"),
+    "os.symlink": "creating symlinks is disabled in the sandbox",
+}
 
 
-def _install_audit_hook(sandbox_dir):
+def _install_audit_hook(sandbox_dir, isinstance=isinstance, type=type, str=str, bytes=bytes, int=int,
+                        PermissionError=PermissionError, ImportError=ImportError):
     """Refuse, at the Python level, what the sandbox forbids. Everything the hook uses is bound now
-    (builtins, C functions from `posix`), so code that later monkeypatches os, os.path or builtins
-    cannot change its decisions. Paths are normalized lexically; that is sound because symlink
-    creation is refused, so nothing inside the sandbox dir can point outside it."""
+    (builtins as parameters, C functions from `posix`), so code that later monkeypatches os, os.path or
+    builtins cannot change its decisions. Paths are normalized lexically; that is sound because
+    symlink creation is refused, so nothing inside the sandbox dir can point outside it."""
     import posix
-    hook = _make_audit_hook(sandbox_dir, posix.getcwd, posix.readlink, posix.fspath, posix.getpid(),
-                            sys.getfilesystemencoding(),
-                            os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND,
-                            isinstance, type, str, bytes, int, PermissionError, ImportError)
-    sys.addaudithook(hook)
-
-
-def _make_audit_hook(sandbox_dir, getcwd, readlink, fspath, own_pid, fs_encoding, write_flags,
-                     isinstance, type, str, bytes, int, PermissionError, ImportError):
-    # (builtins are parameters on purpose: the hook's closure must not look them up at call time)
+    getcwd, readlink, fspath = posix.getcwd, posix.readlink, posix.fspath
+    fs_encoding = sys.getfilesystemencoding()
+    write_flags = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
     prefix = sandbox_dir.rstrip("/") + "/"
-    own_proc = f"/proc/{own_pid}/"
-    # a private copy: the module-level dict is reachable from user code through frame globals
-    path_events, spawn, signals = dict(_PATH_EVENTS), _SPAWN_EVENTS, _SIGNAL_EVENTS
-    native, introspection, network = _NATIVE_EVENTS, _INTROSPECTION_EVENTS, _NETWORK_EVENTS
-    blocked_modules = _BLOCKED_MODULES
+    own_proc = f"/proc/{posix.getpid()}/"
+    # private copies: the module-level dicts are reachable from user code through frame globals
+    path_events, refused, blocked_modules = dict(_PATH_EVENTS), dict(_REFUSED), _BLOCKED_MODULES
 
     def normalize(path, dir_fd):
         if isinstance(path, bytes):
@@ -621,18 +579,10 @@ def _make_audit_hook(sandbox_dir, getcwd, readlink, fspath, own_pid, fs_encoding
         elif event in path_events:
             for path_index, fd_index in path_events[event]:
                 check_write(args[path_index], None if fd_index is None else args[fd_index])
-        elif event == "os.symlink":
-            raise PermissionError("creating symlinks is disabled in the sandbox")
-        elif event.startswith("socket.") or event in network:
+        elif event in refused:
+            raise PermissionError(refused[event])
+        elif event.startswith("socket."):
             raise PermissionError("network access is disabled in the sandbox")
-        elif event in spawn:
-            raise PermissionError("starting processes is disabled in the sandbox")
-        elif event in signals:
-            raise PermissionError("sending signals is disabled in the sandbox")
-        elif event in native:
-            raise PermissionError("loading or calling native code is disabled in the sandbox")
-        elif event in introspection:
-            raise PermissionError(f"{event} is disabled in the sandbox")
         elif event == "sqlite3.connect":
             db = fspath(args[0])  # sqlite opens its files in C, past the "open" event
             if isinstance(db, bytes):
@@ -642,81 +592,8 @@ def _make_audit_hook(sandbox_dir, getcwd, readlink, fspath, own_pid, fs_encoding
                     raise PermissionError("sqlite URI filenames are disabled in the sandbox")
                 check_write(db)
 
-    return hook
+    sys.addaudithook(hook)
 
 
-def _run_user_code(source, repl_mode):
-    import ast, types, traceback
-    try:
-        tree = ast.parse(source, USER_FILE)
-    except (SyntaxError, ValueError) as e:  # ValueError: source contains null bytes
-        sys.stderr.write("".join(traceback.format_exception_only(type(e), e)))
-        sys.exit(1)
-    last_expr = None
-    if repl_mode and tree.body and isinstance(tree.body[-1], ast.Expr):
-        last_expr = ast.Expression(tree.body.pop().value)
-    main = types.ModuleType("__main__")  # fresh globals; pickle etc. find user classes in __main__
-    main.__file__ = USER_FILE
-    main.__builtins__ = __builtins__
-    sys.modules["__main__"] = main
-    try:
-        exec(compile(tree, USER_FILE, "exec"), main.__dict__)
-        if last_expr is not None:
-            sys.displayhook(eval(compile(last_expr, USER_FILE, "eval"), main.__dict__))
-    except SystemExit:
-        raise
-    except BaseException as e:
-        # drop this function's frame so the traceback starts in the user's code
-        traceback.print_exception(type(e), e, e.__traceback__.tb_next)
-        sys.stderr.flush()
-        sys.exit(1)
-
-
-# -----------------------------------------------------------------------------
-
-def _cli():
-    import argparse
-    parser = argparse.ArgumentParser(prog="python -m nanochat.execution",
-                                     description="Run Python code in the nanochat sandbox and print the result "
-                                                 "and which isolation layers were active.")
-    parser.add_argument("path", nargs="?", help="file with the code to run ('-' = stdin); or use --code")
-    parser.add_argument("-c", "--code", help="the code to run, as a string")
-    parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT,
-                        help=f"wall-clock limit in seconds (default: {DEFAULT_TIMEOUT})")
-    parser.add_argument("--memory-mb", type=int, default=DEFAULT_MEMORY_LIMIT // 2**20,
-                        help=f"memory limit in MiB (default: {DEFAULT_MEMORY_LIMIT // 2**20})")
-    parser.add_argument("--max-output-bytes", type=int, default=DEFAULT_MAX_OUTPUT,
-                        help=f"keep at most this many bytes of stdout and of stderr (default: {DEFAULT_MAX_OUTPUT})")
-    parser.add_argument("--repl", action="store_true",
-                        help="print the value of a final expression, like the interactive interpreter")
-    args = parser.parse_args()
-    if (args.code is None) == (args.path is None):
-        parser.error("give exactly one of: a file path (or '-') or --code")
-    if args.code is not None:
-        code = args.code
-    elif args.path == "-":
-        code = sys.stdin.read()
-    else:
-        try:
-            with open(args.path, encoding="utf-8") as f:
-                code = f.read()
-        except OSError as e:
-            raise SystemExit(f"cannot read {args.path}: {e.strerror}")
-    try:
-        r = execute_code(code, timeout=args.timeout, memory_limit_bytes=args.memory_mb * 2**20,
-                         max_output_bytes=args.max_output_bytes, repl_mode=args.repl)
-    except ValueError as e:
-        raise SystemExit(str(e))
-    print(r.summary())
-    if r.stderr and r.success:
-        sys.stderr.write(r.stderr)
-    print(f"[sandbox] success={r.success} timeout={r.timeout} memory_exceeded={r.memory_exceeded} "
-          f"output_truncated={r.output_truncated} protections={','.join(r.protections) or 'none'}", file=sys.stderr)
-    sys.exit(0 if r.success else 1)
-
-
-if __name__ == "__main__":
-    if sys.argv[1:2] == [CHILD_FLAG]:
-        _child_main(sys.argv[2])
-    else:
-        _cli()
+if __name__ == "__main__" and sys.argv[1:2] == [CHILD_FLAG]:
+    _child_main(sys.argv[2])

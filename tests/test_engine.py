@@ -74,6 +74,10 @@ def greedy_engine(model, tokenizer, prompt, n, num_samples=1):
     return [col for col, _ in Engine(model, tokenizer).generate(prompt, num_samples=num_samples, max_tokens=n, temperature=0)]
 
 
+def greedy_engine_of(engine, prompt, n):
+    return [col for col, _ in engine.generate(prompt, max_tokens=n, temperature=0)]
+
+
 def assert_cache_matches_full(model, ids, split):
     """Logits of every position from prefill(ids[:split]) + one-token decode steps == full forward."""
     with torch.inference_mode():
@@ -132,7 +136,8 @@ def test_gqa_cache_matches_naive():
 
 
 def test_sliding_window_cache_matches_naive():
-    # sequence_len 512 -> short window 128 on layer 0; the sequence runs past it (upstream bug #8)
+    # sequence_len 512 -> short window 128 on layer 0; the sequence runs past it, so a decode step that
+    # attended to every cached key instead of the last window+1 would give other logits
     model = random_model(sequence_len=512, n_layer=3, window_pattern="SL")
     assert model.windows == [128, None, None]
     gen = torch.Generator().manual_seed(2)
@@ -168,7 +173,7 @@ def test_sampling_reproducible_and_rows_independent(tiny):
 
 
 def test_first_token_sampled_per_row():
-    # upstream bug #6 sampled the first token once and copied it to every row
+    # sampling the first token once from the prefill and copying it to every row makes all rows start alike
     model = random_model()
     cols = list(Engine(model, FakeTokenizer(512)).generate([1, 2, 3], num_samples=32, max_tokens=1, temperature=1.0))
     assert len(cols) == 1 and len(set(cols[0][0])) > 4
@@ -202,7 +207,7 @@ def test_top_k_respected():
 
 @pytest.mark.parametrize("top_k", [None, 0, -1])
 def test_top_k_disabled(top_k):
-    # upstream bug #9: top_k=0 crashed; None/<=0 means "no filter"
+    # top_k=0 must not reach torch.topk (which fails for k=0): None/<=0 means "no filter"
     logits = torch.zeros(1, 50)
     rng = torch.Generator().manual_seed(0)
     seen = {sample_next(logits, rng, 1.0, top_k).item() for _ in range(100)}
@@ -332,7 +337,7 @@ def test_kv_cache_protocol():
 
 
 def test_cache_uses_compute_dtype():
-    # Never a hard-coded dtype (upstream bug #16): the compute dtype off the CPU; on the CPU fp32,
+    # Never a hard-coded bf16 (which broke MPS and fp32 inference): the compute dtype off the CPU; on the CPU fp32,
     # whose attention kernel decodes faster, and which attention() reads under any compute dtype.
     for dtype in (torch.bfloat16, torch.float32):
         model = random_model(dtype=dtype)
@@ -359,6 +364,29 @@ def test_inference_copy_tracks_master_weights():
     with torch.no_grad():
         reference.lm_head.weight.mul_(-1)
     assert after == greedy_engine(reference, tok, prompt, 12)
+
+
+def test_refresh_weights_after_writes_through_data():
+    """The optimizers write through .data, which bumps no version counter: a long-lived engine keeps
+    sampling the old weights until refresh_weights() copies the new ones into its copy, in place."""
+    model = random_model(dtype=torch.bfloat16)  # fp32 master, bf16 compute: the engine runs a copy
+    tok = FakeTokenizer(512)
+    prompt = list(range(10, 30))
+    engine = Engine(model, tok)
+    before = greedy_engine_of(engine, prompt, 12)
+    copy_ptrs = [p.data_ptr() for p in engine._copy.parameters()]
+    model.lm_head.weight.data.mul_(-1)  # as an optimizer step does it
+    model.transformer.h[0].mlp.c_fc.weight.data.mul_(0.5)
+    assert greedy_engine_of(engine, prompt, 12) == before  # stale: the change went unseen
+    engine.refresh_weights()
+    after = greedy_engine_of(engine, prompt, 12)
+    assert after == greedy_engine(model, tok, prompt, 12)  # what a fresh Engine samples
+    assert after != before
+    assert [p.data_ptr() for p in engine._copy.parameters()] == copy_ptrs  # refreshed in place
+    shared = Engine(random_model(), tok)  # fp32 compute: the engine runs the model's own tensors
+    greedy_engine_of(shared, prompt, 2)
+    shared.refresh_weights()
+    assert shared._copy is None
 
 
 @pytest.mark.skipif(not engine_mod._packable(random_model(n_layer=1, dtype=torch.bfloat16)),

@@ -502,3 +502,15 @@ def test_summary_for_the_model():
     assert failed.summary() == "Error: timeout after 5.0s"
     r = run("print('partial')\nraise KeyError('k')")
     assert str(r) == "partial\nError: KeyError: 'k'"
+
+
+def test_sandbox_script(capsys):
+    from nanochat.common import UserError
+    from scripts import sandbox
+    assert sandbox.main(["--repl", "-c", "6 * 7"]) == 0
+    out, err = capsys.readouterr()
+    assert out == "42\n" and "success=True" in err and "audit-hook" in err
+    assert sandbox.main(["-c", "1/0"]) == 1
+    assert capsys.readouterr().out == "Error: ZeroDivisionError: division by zero\n"
+    with pytest.raises(UserError, match="timeout=0"):
+        sandbox.main(["--timeout", "0", "-c", "1"])
