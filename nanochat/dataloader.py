@@ -135,7 +135,7 @@ class DataLoader:
             self._snapshot = {j: (self.next[j], list(self.buffer[j])) for j in self.streams}
             self._queue.extend(self.streams[a * self.B:(a + 1) * self.B] for a in range(self.micro_steps()))
         rows = torch.tensor([self._row(j) for j in self._queue.popleft()], dtype=torch.long)
-        if self.device.type == "cuda":  # pinned host memory only exists with CUDA (upstream bug #25)
+        if self.device.type == "cuda":  # pin_memory() raises on CPU-only torch builds
             rows = rows.pin_memory().to(self.device, non_blocking=True)
         return rows[:, :-1].contiguous(), rows[:, 1:].contiguous()
 

@@ -29,7 +29,7 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from nanochat.common import UserError, get_base_dir, atomic_write_json, download_file, DownloadError
+from nanochat.common import UserError, get_base_dir, atomic_write_json, download_file, run_cli, DownloadError
 
 ROW_GROUP_SIZE = 1024
 DEFAULT_ENDPOINT = "https://huggingface.co"
@@ -45,7 +45,7 @@ GET_SHARDS_HINT = ("Get shards with one of:\n"
 
 
 class DataError(UserError, ValueError):
-    """A problem with the shards on disk or their sources, with a message that says what to do."""
+    """A problem with the shards on disk, their sources or the request for them, saying what to do."""
 
 
 def get_data_dir():
@@ -69,9 +69,8 @@ def _shard_names(data_dir):
 
 def read_source(data_dir=None):
     """The contents of base_data/source.json (where the shards came from), or None."""
-    path = os.path.join(data_dir or get_data_dir(), SOURCE_FILE)
     try:
-        with open(path) as f:
+        with open(os.path.join(data_dir or get_data_dir(), SOURCE_FILE)) as f:
             return json.load(f)
     except (OSError, ValueError):
         return None
@@ -95,13 +94,11 @@ def list_parquet_files(split=None, data_dir=None):
         raise DataError(f"only one shard in {data_dir} ({names[0]}): at least 2 are needed, because the "
                         f"last one is held out for validation.\n{GET_SHARDS_HINT}")
     source = (read_source(data_dir) or {}).get("source")
-    if source in SOURCES:
-        # Without its own val shard the last train shard would silently become "val", and val loss
-        # would change with the number of shards downloaded.
-        val = shard_name(SOURCES[source]["max_shard"])
-        if names[-1] != val:
-            raise DataError(f"the {source} validation shard {val} is missing from {data_dir}. Fetch it with:\n"
-                            f"  python -m nanochat.dataset download -n 0 --source {source}")
+    # Without its own val shard the last train shard would silently become "val", and val loss
+    # would change with the number of shards downloaded.
+    if source in SOURCES and names[-1] != shard_name(SOURCES[source]["max_shard"]):
+        raise DataError(f"the {source} validation shard {shard_name(SOURCES[source]['max_shard'])} is missing from "
+                        f"{data_dir}. Fetch it with:\n  python -m nanochat.dataset download -n 0 --source {source}")
     return paths[:-1] if split == "train" else paths[-1:]
 
 
@@ -173,8 +170,7 @@ def fetch_manifest(source, endpoint, data_dir, retries=3, timeout=30, backoff=2.
     except (OSError, ValueError, KeyError):
         pass
     repo = SOURCES[source]["repo"]
-    url = f"{endpoint}/api/datasets/{repo}/tree/main"
-    files = {}
+    url, files = f"{endpoint}/api/datasets/{repo}/tree/main", {}
     try:
         while url:
             for attempt in range(1, retries + 1):
@@ -187,10 +183,9 @@ def fetch_manifest(source, endpoint, data_dir, retries=3, timeout=30, backoff=2.
                         raise
                     time.sleep(backoff ** attempt if backoff > 0 else 0)
             for entry in r.json():
-                if entry.get("type", "file") != "file":
-                    continue
-                lfs = entry.get("lfs") or {}
-                files[entry["path"]] = {"size": lfs.get("size", entry.get("size")), "sha256": lfs.get("oid")}
+                if entry.get("type", "file") == "file":
+                    lfs = entry.get("lfs") or {}
+                    files[entry["path"]] = {"size": lfs.get("size", entry.get("size")), "sha256": lfs.get("oid")}
             nxt = r.links.get("next", {}).get("url")
             url = urllib.parse.urljoin(r.url, nxt) if nxt else None
     except requests.ConnectionError as e:
@@ -201,20 +196,9 @@ def fetch_manifest(source, endpoint, data_dir, retries=3, timeout=30, backoff=2.
         print(f"WARNING: could not fetch the file listing of {repo} from {endpoint} ({e}); downloads "
               f"will be verified by Content-Length and parquet footer only (no size/sha256 check).")
         return None
-    atomic_write_json(cache, {"repo": repo, "endpoint": endpoint,
-                              "fetched": datetime.datetime.now().isoformat(timespec="seconds"), "files": files})
+    atomic_write_json(cache, {"repo": repo, "endpoint": endpoint, "files": files,
+                              "fetched": datetime.datetime.now().isoformat(timespec="seconds")})
     return files
-
-
-def _check_no_mixing(data_dir, source):
-    """Refuse to put hub shards next to shards from somewhere else: the split rule and val loss
-    only make sense within one dataset."""
-    names = _shard_names(data_dir)
-    have = (read_source(data_dir) or {}).get("source")
-    if names and have != source:
-        what = f"from '{have}'" if have else "of unknown origin (no source.json)"
-        raise DataError(f"{data_dir} already holds {len(names)} shards {what}; adding {source} shards would "
-                        f"mix datasets. Use another NANOCHAT_BASE_DIR, or delete {data_dir} first.")
 
 
 def download_shards(indices, num_workers=4, source="climbmix", base_url=None, progress=True,
@@ -224,16 +208,21 @@ def download_shards(indices, num_workers=4, source="climbmix", base_url=None, pr
     renamed into place only when complete, and opened as parquet. Returns the shard paths.
     Raises DataError listing every shard that failed (the others are kept)."""
     if source not in SOURCES:
-        raise ValueError(f"unknown source {source!r}: use one of {', '.join(SOURCES)}")
+        raise DataError(f"unknown source {source!r}: use one of {', '.join(SOURCES)}")
     repo, max_shard = SOURCES[source]["repo"], SOURCES[source]["max_shard"]
     indices = sorted(set(int(i) for i in indices) | {max_shard})
     bad = [i for i in indices if not 0 <= i <= max_shard]
     if bad:
-        raise ValueError(f"shard indices {bad[:5]} out of range: {source} has shards 0..{max_shard} "
+        raise DataError(f"shard indices {bad[:5]} out of range: {source} has shards 0..{max_shard} "
                          f"({max_shard} is the validation shard)")
     data_dir = data_dir or get_data_dir()
     os.makedirs(data_dir, exist_ok=True)
-    _check_no_mixing(data_dir, source)
+    # Hub shards next to shards from somewhere else would break the split rule and val loss.
+    names, have = _shard_names(data_dir), (read_source(data_dir) or {}).get("source")
+    if names and have != source:
+        what = f"from '{have}'" if have else "of unknown origin (no source.json)"
+        raise DataError(f"{data_dir} already holds {len(names)} shards {what}; adding {source} shards would "
+                        f"mix datasets. Use another NANOCHAT_BASE_DIR, or delete {data_dir} first.")
     endpoint = hub_endpoint(base_url)
     manifest = fetch_manifest(source, endpoint, data_dir, timeout=timeout, backoff=backoff)
     atomic_write_json(os.path.join(data_dir, SOURCE_FILE), {"source": source, "repo": repo, "endpoint": endpoint})
@@ -241,18 +230,14 @@ def download_shards(indices, num_workers=4, source="climbmix", base_url=None, pr
     def fetch(i):
         name = shard_name(i)
         path = os.path.join(data_dir, name)
-        meta = None
-        if manifest is not None:
-            meta = manifest.get(name)
-            if meta is None:
-                raise DataError(f"not in the file listing of {repo}")
-        size, sha = (meta["size"], meta["sha256"]) if meta else (None, None)
+        if manifest is not None and name not in manifest:
+            raise DataError(f"not in the file listing of {repo}")
+        size, sha = (manifest[name]["size"], manifest[name]["sha256"]) if manifest is not None else (None, None)
         # A file at its final name was verified before it was renamed there, so a size check is
         # enough; re-hashing hundreds of 100 MB shards on every run would take minutes.
         if not (os.path.exists(path) and (size is None or os.path.getsize(path) == size)):
-            url = f"{endpoint}/datasets/{repo}/resolve/main/{name}"
-            download_file(url, path, expected_size=size, sha256=sha, retries=retries, timeout=timeout,
-                          progress=progress and num_workers == 1, backoff=backoff)
+            download_file(f"{endpoint}/datasets/{repo}/resolve/main/{name}", path, expected_size=size, sha256=sha,
+                          retries=retries, timeout=timeout, progress=progress and num_workers == 1, backoff=backoff)
         try:
             open_shard(path)
         except DataError as e:
@@ -270,11 +255,10 @@ def download_shards(indices, num_workers=4, source="climbmix", base_url=None, pr
         futures = {pool.submit(fetch, i): i for i in indices}
         with tqdm(total=len(indices), unit="shard", desc="shards", disable=not progress) as bar:
             for fut in as_completed(futures):
-                i = futures[fut]
                 try:
-                    done[i] = fut.result()
+                    done[futures[fut]] = fut.result()
                 except (DownloadError, DataError, OSError) as e:
-                    failed[i] = str(e)
+                    failed[futures[fut]] = str(e)
                 bar.update(1)
     except KeyboardInterrupt:
         pool.shutdown(wait=False, cancel_futures=True)
@@ -318,25 +302,18 @@ def split_text(text, max_chars, separators=_SEPARATORS):
             cur, cur_len = [], 0
         cur.append(p)
         cur_len += len(p)
-    if cur:
-        chunks.append("".join(cur))
-    return chunks
+    return chunks + (["".join(cur)] if cur else [])
 
 
-def _open_text(path):
-    if path.endswith(".gz"):
-        return gzip.open(path, "rt", encoding="utf-8", errors="replace")
-    return open(path, encoding="utf-8", errors="replace")
-
-
-def _file_texts(path):
+def file_texts(path):
     """The raw texts in one source file: a whole .txt, each .jsonl row's text/content, each parquet row."""
     low = path.lower()
-    if low.endswith((".txt", ".txt.gz")):
-        with _open_text(path) as f:
-            yield f.read()
-    elif low.endswith((".jsonl", ".jsonl.gz")):
-        with _open_text(path) as f:
+    if low.endswith((".txt", ".txt.gz", ".jsonl", ".jsonl.gz")):
+        opener = gzip.open if low.endswith(".gz") else open
+        with opener(path, "rt", encoding="utf-8", errors="replace") as f:
+            if low.endswith((".txt", ".txt.gz")):
+                yield f.read()
+                return
             for lineno, line in enumerate(f, 1):
                 if not line.strip():
                     continue
@@ -365,10 +342,9 @@ def documents_from_file(path, doc_chars=20_000):
     """The documents an import makes of one file: its texts cut at paragraph/line/sentence
     boundaries into pieces of at most doc_chars (None or 0 = no cutting), stripped, empties dropped.
     A book is many documents, not one: the dataloader crops documents longer than a row."""
-    for text in _file_texts(path):
+    for text in file_texts(path):
         for piece in (split_text(text, doc_chars) if doc_chars else [text]):
-            piece = piece.strip()
-            if piece:
+            if piece := piece.strip():
                 yield piece
 
 
@@ -379,21 +355,12 @@ def find_import_files(src_dir, exclude=None):
     exclude = os.path.realpath(exclude) if exclude else None
     for root, dirs, files in os.walk(src_dir):
         dirs[:] = sorted(d for d in dirs if not d.startswith(".") and os.path.realpath(os.path.join(root, d)) != exclude)
-        for f in sorted(files):
-            if f.startswith("."):
-                continue
+        for f in sorted(f for f in files if not f.startswith(".")):
             if f.lower().endswith(IMPORT_SUFFIXES):
                 found.append(os.path.join(root, f))
             else:
                 ignored += 1
     return found, ignored
-
-
-def _write_shard(path, docs, row_group_size):
-    # Same layout as the hub shards: zstd level 3, no dictionary or statistics (useless for prose).
-    table = pa.table({"text": pa.array(docs, type=pa.string())})
-    pq.write_table(table, path, row_group_size=row_group_size, compression="zstd", compression_level=3,
-                   use_dictionary=False, write_statistics=False)
 
 
 def import_local(src_dirs, val_fraction=0.05, shard_chars=250_000_000, seed=42, doc_chars=20_000,
@@ -411,11 +378,11 @@ def import_local(src_dirs, val_fraction=0.05, shard_chars=250_000_000, seed=42, 
         if not os.path.isdir(src_dir):
             raise DataError(f"import source {str(src_dir)!r} is not a directory")
     if not 0 < val_fraction < 1:
-        raise ValueError(f"val_fraction must be between 0 and 1, got {val_fraction}")
+        raise DataError(f"val_fraction (--val-fraction) must be between 0 and 1, got {val_fraction}")
     if shard_chars <= 0:
-        raise ValueError(f"shard_chars must be positive, got {shard_chars}")
+        raise DataError(f"shard_chars (--shard-chars) must be positive, got {shard_chars}")
     if row_group_size is not None and row_group_size < 1:
-        raise ValueError(f"row_group_size must be at least 1, got {row_group_size}")
+        raise DataError(f"row_group_size (--row-group-size) must be at least 1, got {row_group_size}")
     data_dir = data_dir or get_data_dir()
     os.makedirs(data_dir, exist_ok=True)
     real_data = os.path.realpath(data_dir)
@@ -435,15 +402,13 @@ def import_local(src_dirs, val_fraction=0.05, shard_chars=250_000_000, seed=42, 
             raise DataError(f"no importable files under {src_dir} (looked for {', '.join(IMPORT_SUFFIXES)})")
         ignored += skipped
         for f in found:  # a folder named twice, or inside another one, is read once
-            real = os.path.realpath(f)
-            if real not in seen:
-                seen.add(real)
+            if os.path.realpath(f) not in seen:
+                seen.add(os.path.realpath(f))
                 files.append(f)
     where = ", ".join(map(str, src_dirs))
     from tqdm import tqdm
-    docs = []
-    for path in tqdm(files, desc="reading", unit="file", disable=not progress):
-        docs.extend(documents_from_file(path, doc_chars))
+    docs = [d for path in tqdm(files, desc="reading", unit="file", disable=not progress)
+            for d in documents_from_file(path, doc_chars)]
     n = len(docs)
     if n < 2:
         raise DataError(f"{where} yielded {n} document(s); need at least 2 (one for train, one for val)")
@@ -466,9 +431,7 @@ def import_local(src_dirs, val_fraction=0.05, shard_chars=250_000_000, seed=42, 
         if cur_chars >= shard_chars and len(cur) % rg == 0:
             groups.append(cur)
             cur, cur_chars = [], 0
-    if cur:
-        groups.append(cur)
-    groups.append(val)
+    groups += [cur, val] if cur else [val]
 
     # Write everything to a hidden staging dir first, then rename into place: a crash never leaves
     # train shards without their val shard (the last one) behind.
@@ -477,7 +440,10 @@ def import_local(src_dirs, val_fraction=0.05, shard_chars=250_000_000, seed=42, 
     os.makedirs(staging)
     names = [shard_name(k) for k in range(len(groups))]
     for name, group in zip(tqdm(names, desc="writing", unit="shard", disable=not progress), groups):
-        _write_shard(os.path.join(staging, name), group, rg)
+        # The hub shards' layout: zstd level 3, no dictionary or statistics (useless for prose).
+        pq.write_table(pa.table({"text": pa.array(group, type=pa.string())}), os.path.join(staging, name),
+                       row_group_size=rg, compression="zstd", compression_level=3, use_dictionary=False,
+                       write_statistics=False)
     if overwrite:  # old shards and any half-downloaded ones
         for name in os.listdir(data_dir):
             if name.endswith((".parquet", ".parquet.partial")):
@@ -486,13 +452,12 @@ def import_local(src_dirs, val_fraction=0.05, shard_chars=250_000_000, seed=42, 
         os.replace(os.path.join(staging, name), os.path.join(data_dir, name))
     shutil.rmtree(staging, ignore_errors=True)
 
-    chars = sum(map(len, docs))
-    val_chars = sum(map(len, val))
-    summary = {"source": "import", "src_dirs": real_srcs, "files": len(files), "ignored_files": ignored,
-               "docs": n, "chars": chars, "train_docs": n - n_val, "val_docs": n_val, "shards": len(names),
-               "row_group_size": rg, "seed": seed, "doc_chars": doc_chars, "shard_chars": shard_chars,
-               "val_fraction": val_fraction, "created": datetime.datetime.now().isoformat(timespec="seconds")}
-    atomic_write_json(os.path.join(data_dir, SOURCE_FILE), summary)
+    chars, val_chars = sum(map(len, docs)), sum(map(len, val))
+    atomic_write_json(os.path.join(data_dir, SOURCE_FILE), {
+        "source": "import", "src_dirs": real_srcs, "files": len(files), "ignored_files": ignored, "docs": n,
+        "chars": chars, "train_docs": n - n_val, "val_docs": n_val, "shards": len(names), "row_group_size": rg,
+        "seed": seed, "doc_chars": doc_chars, "shard_chars": shard_chars, "val_fraction": val_fraction,
+        "created": datetime.datetime.now().isoformat(timespec="seconds")})
     print(f"Imported {where}: {len(files)} files read ({ignored} other files ignored), "
           f"{n:,} documents, {chars:,} characters")
     print(f"  train: {len(names) - 1} shard(s), {n - n_val:,} docs, {chars - val_chars:,} chars")
@@ -506,8 +471,7 @@ def import_local(src_dirs, val_fraction=0.05, shard_chars=250_000_000, seed=42, 
 
 def print_info(data_dir=None):
     data_dir = data_dir or get_data_dir()
-    names = _shard_names(data_dir)
-    source = read_source(data_dir)
+    names, source = _shard_names(data_dir), read_source(data_dir)
     print(f"Shards in {data_dir}: {len(names)}")
     if source:
         shown = ("source", "repo", "endpoint", "src_dir", "src_dirs", "docs", "chars", "seed", "created")
@@ -518,12 +482,11 @@ def print_info(data_dir=None):
     total_docs = total_bytes = 0
     print(f"{'shard':<22}{'split':<7}{'docs':>12}{'row groups':>12}{'MB on disk':>12}{'MB text':>10}")
     for k, name in enumerate(names):
-        path = os.path.join(data_dir, name)
         split = "val" if k == len(names) - 1 and len(names) > 1 else "train"
-        size = os.path.getsize(path)
+        size = os.path.getsize(os.path.join(data_dir, name))
         total_bytes += size
         try:
-            md = open_shard(path).metadata
+            md = open_shard(os.path.join(data_dir, name)).metadata
         except DataError as e:
             print(f"{name:<22}{split:<7}  UNREADABLE: {e}")
             continue
@@ -539,7 +502,6 @@ def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m nanochat.dataset", description=__doc__.split("\n\n")[0].strip(),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-
     p = sub.add_parser("download", help="download pretraining shards from the HuggingFace hub")
     p.add_argument("-n", "--num-files", type=int, default=8,
                    help="number of train shards to fetch, shards 0..n-1 (-1 = all of them; ~100 MB each); "
@@ -550,7 +512,6 @@ def main(argv=None):
     p.add_argument("--endpoint", default=None,
                    help=f"hub base URL, e.g. a mirror (default: $NANOCHAT_HF_ENDPOINT, $HF_ENDPOINT or {DEFAULT_ENDPOINT})")
     p.add_argument("--retries", type=int, default=5, help="attempts per file before giving up (default: 5)")
-
     p = sub.add_parser("import", help="turn folders of local .txt/.jsonl(.gz)/.parquet files into shards")
     p.add_argument("src_dirs", nargs="+", metavar="src_dir",
                    help="folder(s) to import, each searched recursively; their documents are shuffled together")
@@ -566,25 +527,21 @@ def main(argv=None):
                         "val shard has at least 8 row groups)")
     p.add_argument("--seed", type=int, default=42, help="seed of the document shuffle (default: 42)")
     p.add_argument("--overwrite", action="store_true", help="delete the shards already in base_data first")
-
     sub.add_parser("info", help="list the shards in base_data: split, documents, sizes")
     args = parser.parse_args(argv)
 
-    try:
-        if args.command == "download":
-            if args.num_files < -1:
-                raise SystemExit(f"-n/--num-files must be -1 (all) or >= 0, got {args.num_files}")
-            n = SOURCES[args.source]["max_shard"] if args.num_files == -1 else args.num_files
-            download_shards(range(n), num_workers=args.num_workers, source=args.source, base_url=args.endpoint,
-                            retries=args.retries)
-        elif args.command == "import":
-            import_local(args.src_dirs, val_fraction=args.val_fraction, shard_chars=args.shard_chars, seed=args.seed,
-                         doc_chars=args.doc_chars, overwrite=args.overwrite, row_group_size=args.row_group_size)
-        else:
-            print_info()
-    except ValueError as e:  # DataError and bad arguments: a message, not a traceback
-        raise SystemExit(f"error: {e}")
+    if args.command == "download":
+        if args.num_files < -1:
+            parser.error(f"-n/--num-files must be -1 (all) or >= 0, got {args.num_files}")
+        n = SOURCES[args.source]["max_shard"] if args.num_files == -1 else args.num_files
+        download_shards(range(n), num_workers=args.num_workers, source=args.source, base_url=args.endpoint,
+                        retries=args.retries)
+    elif args.command == "import":
+        import_local(args.src_dirs, val_fraction=args.val_fraction, shard_chars=args.shard_chars, seed=args.seed,
+                     doc_chars=args.doc_chars, overwrite=args.overwrite, row_group_size=args.row_group_size)
+    else:
+        print_info()
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

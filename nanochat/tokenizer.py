@@ -4,6 +4,12 @@ the chat special tokens, the one place the conversation format is defined (rende
 token ids + loss mask), saving/loading without pickle, a fingerprint that checkpoints record, and
 token_bytes (raw UTF-8 byte length of every token) for the bits-per-byte metric.
 
+Conversation format: {"messages": [{"role": "system"|"user"|"assistant", "content": str | [part, ...]}]}:
+an optional leading system message (merged into the first user message), then user/assistant strictly
+alternating, starting with user. An assistant's content may be a list of parts {"type": "text"|"python"|
+"python_output", "text": str}: python parts are tool calls the engine runs, python_output parts are what
+the tool printed (never trained on).
+
 On disk (get_base_dir()/tokenizer/):
   tokenizer.tiktoken  mergeable ranks in tiktoken's own text format ("base64(token) rank" per line)
   token_bytes.pt      int32 tensor [vocab]: byte length of each token, 0 for special tokens
@@ -20,7 +26,7 @@ import hashlib
 import torch
 import tiktoken
 
-from nanochat.common import get_base_dir, atomic_write_bytes
+from nanochat.common import UserError, get_base_dir, atomic_write_bytes, sha256_file
 
 SPECIAL_TOKENS = [
     "<|bos|>",            # starts every document and every conversation
@@ -33,6 +39,7 @@ SPECIAL_TOKENS = [
     "<|output_start|>",   # ...and the tool's output is pasted back in (never trained on)
     "<|output_end|>",
 ]
+PART_TYPES = ("text", "python", "python_output")
 
 # GPT-4's split pattern, except numbers split into runs of at most 2 digits (not 3): with a small
 # vocab, 3-digit tokens waste slots (upstream nanochat measured d12/32K val bpb 0.965 vs 0.972).
@@ -44,21 +51,27 @@ TRAIN_HINT = "train one with: python -m scripts.tok_train"
 
 # Stock OpenAI encodings that tok_eval compares against. Patterns, special-token ids, URLs and
 # sha256 are the published values (tiktoken_ext/openai_public.py); tests check them against tiktoken.
+_OPENAI_URL = "https://openaipublic.blob.core.windows.net/encodings/"
 STOCK_ENCODINGS = {
     "r50k_base": {  # GPT-2
-        "url": "https://openaipublic.blob.core.windows.net/encodings/r50k_base.tiktoken",
+        "url": _OPENAI_URL + "r50k_base.tiktoken",
         "sha256": "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930",
         "pattern": r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s""",
         "special_tokens": {"<|endoftext|>": 50256},
     },
     "cl100k_base": {  # GPT-4
-        "url": "https://openaipublic.blob.core.windows.net/encodings/cl100k_base.tiktoken",
+        "url": _OPENAI_URL + "cl100k_base.tiktoken",
         "sha256": "223921b76ee99bde995b7ff738513eef100fb51d18c93597a113bcffe865b2a7",
         "pattern": r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}+| ?[^\s\p{L}\p{N}]++[\r\n]*+|\s++$|\s*[\r\n]|\s+(?!\S)|\s""",
         "special_tokens": {"<|endoftext|>": 100257, "<|fim_prefix|>": 100258, "<|fim_middle|>": 100259,
                            "<|fim_suffix|>": 100260, "<|endofprompt|>": 100276},
     },
 }
+
+
+class TokenizerError(UserError, ValueError):
+    """The tokenizer on disk is missing, incomplete or corrupt; the message says how to get a good one."""
+
 
 # -----------------------------------------------------------------------------
 # The .tiktoken text format. We read it ourselves rather than via tiktoken.load.load_tiktoken_bpe
@@ -76,25 +89,64 @@ def read_tiktoken_file(path):
     ranks = {}
     with open(path, "rb") as f:
         for lineno, line in enumerate(f, 1):
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                tok, rank = line.split()
-                ranks[base64.b64decode(tok, validate=True)] = int(rank)
-            except Exception:
-                raise ValueError(f"{path}: line {lineno} is not 'base64token rank': {line[:80]!r}")
+            if line.strip():
+                try:
+                    tok, rank = line.split()
+                    ranks[base64.b64decode(tok, validate=True)] = int(rank)
+                except Exception:
+                    raise ValueError(f"{path}: line {lineno} is not 'base64token rank': {line.strip()[:80]!r}")
     if not ranks:
         raise ValueError(f"{path}: no tokens in file")
     return ranks
 
 
-def sha256_file(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+def check_conversation(conversation, complete=False):
+    """Check a conversation against the format above and return its turns [(message index, role,
+    content)], a leading system message merged into the first user turn. ValueError says what is wrong.
+    complete=True (training and eval data): also at least one exchange, ending with the assistant,
+    and no empty message."""
+    if not isinstance(conversation, dict) or not isinstance(conversation.get("messages"), list):
+        raise ValueError("a conversation must be a dict {'messages': [{'role': ..., 'content': ...}, ...]}")
+    messages = conversation["messages"]
+    if not messages:
+        raise ValueError("conversation has no messages")
+    turns, system = [], None
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or "role" not in m or "content" not in m:
+            raise ValueError(f"message {i} must be a dict with 'role' and 'content', got {m!r:.200}")
+        role, content = m["role"], m["content"]
+        expected = "user" if len(turns) % 2 == 0 else "assistant"
+        if role == "system" and i > 0:
+            raise ValueError(f"message {i} has role 'system': a system message may only come first")
+        if role not in ("system", expected):
+            raise ValueError(f"message {i} has role {role!r} but {expected!r} was expected: roles must alternate "
+                             f"user/assistant starting with user (after an optional leading system message)")
+        if role == "assistant" and isinstance(content, list):
+            for j, part in enumerate(content):
+                if not isinstance(part, dict) or not isinstance(part.get("text"), str):
+                    raise ValueError(f"message {i} part {j} must be a dict with a str 'text', got {part!r:.200}")
+                if part.get("type") not in PART_TYPES:
+                    raise ValueError(f"message {i} part {j} has type {part.get('type')!r}: expected one of {PART_TYPES}")
+        elif not isinstance(content, str):
+            kinds = "a string or a list of parts" if role == "assistant" else "a string"
+            raise ValueError(f"message {i} ({role}) content must be {kinds}, got {type(content).__name__}")
+        if complete and not (content.strip() if isinstance(content, str) else any(p["text"].strip() for p in content)):
+            raise ValueError(f"message {i} ({role}) has empty content")
+        if role == "system":
+            system = content
+        else:
+            turns.append((i, role, content))
+    if system is not None:
+        if not turns:
+            raise ValueError("conversation has a system message but no user message to merge it into")
+        i, role, content = turns[0]
+        turns[0] = (i, role, system + "\n\n" + content)
+    if complete and len(turns) < 2:
+        raise ValueError(f"need at least a user and an assistant message, got {len(turns)} "
+                         f"message(s) besides the system prompt")
+    if complete and turns[-1][1] != "assistant":
+        raise ValueError("the last message must be the assistant's (there is nothing to learn from otherwise)")
+    return turns
 
 
 # -----------------------------------------------------------------------------
@@ -114,7 +166,7 @@ class Tokenizer:
         self._fingerprint = None
         self._token_bytes = None
 
-    # --- construction ------------------------------------------------------------
+    # --- construction and persistence ----------------------------------------------
 
     @classmethod
     def train(cls, text_iterator, vocab_size, buffer_size=8192):
@@ -152,8 +204,6 @@ class Tokenizer:
                              f"delete it and fetch it again from {spec['url']}")
         return cls(spec["pattern"], read_tiktoken_file(path), spec["special_tokens"], bos_token="<|endoftext|>", name=name)
 
-    # --- persistence ------------------------------------------------------------
-
     def save(self, directory):
         """Write tokenizer.tiktoken, token_bytes.pt, then tokenizer.json (each atomically)."""
         os.makedirs(directory, exist_ok=True)
@@ -161,37 +211,30 @@ class Tokenizer:
         buf = io.BytesIO()
         torch.save(self.token_bytes(), buf)
         atomic_write_bytes(os.path.join(directory, "token_bytes.pt"), buf.getvalue())
-        meta = {
-            "format": "nanochat-tokenizer-v1",
-            "name": self.name,
-            "pattern": self._pattern,
-            "special_tokens": self._special,
-            "bos_token": self._bos_token,
-            "vocab_size": self.get_vocab_size(),
-            "num_mergeable": len(self._ranks),
-            "fingerprint": self.fingerprint,
-        }
+        meta = {"format": "nanochat-tokenizer-v1", "name": self.name, "pattern": self._pattern,
+                "special_tokens": self._special, "bos_token": self._bos_token, "vocab_size": self.get_vocab_size(),
+                "num_mergeable": len(self._ranks), "fingerprint": self.fingerprint}
         atomic_write_bytes(os.path.join(directory, "tokenizer.json"), (json.dumps(meta, indent=2) + "\n").encode())
 
     @classmethod
     def load(cls, directory):
-        """Load what save() wrote. A missing or damaged tokenizer is a SystemExit that names the path."""
+        """Load what save() wrote. A missing or damaged tokenizer is a TokenizerError that names the path."""
         directory = str(directory)
         if not os.path.isdir(directory):
-            raise SystemExit(f"no tokenizer found at {directory}: {TRAIN_HINT}")
+            raise TokenizerError(f"no tokenizer found at {directory}: {TRAIN_HINT}")
         paths = {f: os.path.join(directory, f) for f in ("tokenizer.json", "tokenizer.tiktoken", "token_bytes.pt")}
         missing = [p for p in paths.values() if not os.path.isfile(p)]
         if missing:
-            raise SystemExit(f"tokenizer at {directory} is incomplete (missing {', '.join(missing)}): {TRAIN_HINT}")
+            raise TokenizerError(f"tokenizer at {directory} is incomplete (missing {', '.join(missing)}): {TRAIN_HINT}")
 
         def corrupt(reason):
-            return SystemExit(f"tokenizer at {directory} is corrupt ({reason}): delete it and {TRAIN_HINT}")
+            return TokenizerError(f"tokenizer at {directory} is corrupt ({reason}): delete it and {TRAIN_HINT}")
 
         try:
             with open(paths["tokenizer.json"], "rb") as f:
                 meta = json.loads(f.read().decode("utf-8"))
-            pattern, special, bos = meta["pattern"], meta["special_tokens"], meta["bos_token"]
-            special = {str(k): int(v) for k, v in special.items()}
+            special = {str(k): int(v) for k, v in meta["special_tokens"].items()}
+            pattern, bos = meta["pattern"], meta["bos_token"]
         except (ValueError, KeyError, TypeError, AttributeError) as e:
             raise corrupt(f"{paths['tokenizer.json']}: {e}")
         try:
@@ -220,8 +263,7 @@ class Tokenizer:
     def fingerprint(self):
         """sha256 hex over pattern, mergeable ranks and special tokens: same fingerprint = same token ids."""
         if self._fingerprint is None:
-            h = hashlib.sha256()
-            h.update(b"nanochat-tokenizer-fingerprint-v1\n")
+            h = hashlib.sha256(b"nanochat-tokenizer-fingerprint-v1\n")
             h.update(self._pattern.encode("utf-8") + b"\n")
             h.update(ranks_to_tiktoken_text(self._ranks))
             h.update(json.dumps(sorted(self._special.items(), key=lambda kv: kv[1])).encode("utf-8"))
@@ -264,40 +306,25 @@ class Tokenizer:
         Special-token strings inside the text are encoded as plain text, never as special ids, so
         user-supplied text cannot forge conversation structure. prepend/append add one token
         (an id or a special-token string) to each sequence."""
-        pre = None if prepend is None else self._as_id(prepend)
-        post = None if append is None else self._as_id(append)
+        pre = [] if prepend is None else [self._as_id(prepend)]
+        post = [] if append is None else [self._as_id(append)]
         if isinstance(text, str):
-            ids = self.enc.encode_ordinary(text)
-            if pre is not None:
-                ids.insert(0, pre)
-            if post is not None:
-                ids.append(post)
-            return ids
-        if isinstance(text, (list, tuple)):
-            for i, t in enumerate(text):
-                if not isinstance(t, str):
-                    raise TypeError(f"encode: item {i} of the batch is {type(t).__name__}, expected str")
-            batch = self.enc.encode_ordinary_batch(list(text), num_threads=num_threads)
-            for ids in batch:
-                if pre is not None:
-                    ids.insert(0, pre)
-                if post is not None:
-                    ids.append(post)
-            return batch
-        raise TypeError(f"encode expects a str or a list of str, got {type(text).__name__}")
+            return pre + self.enc.encode_ordinary(text) + post
+        if not isinstance(text, (list, tuple)):
+            raise TypeError(f"encode expects a str or a list of str, got {type(text).__name__}")
+        for i, t in enumerate(text):
+            if not isinstance(t, str):
+                raise TypeError(f"encode: item {i} of the batch is {type(t).__name__}, expected str")
+        return [pre + ids + post for ids in self.enc.encode_ordinary_batch(list(text), num_threads=num_threads)]
 
     __call__ = encode
 
     def decode(self, ids):
         """ids -> str (invalid UTF-8 from partial sequences becomes U+FFFD)."""
-        if isinstance(ids, torch.Tensor):
-            ids = ids.tolist()
-        return self.enc.decode(ids)
+        return self.enc.decode(ids.tolist() if isinstance(ids, torch.Tensor) else ids)
 
     def decode_bytes(self, ids):
-        if isinstance(ids, torch.Tensor):
-            ids = ids.tolist()
-        return self.enc.decode_bytes(ids)
+        return self.enc.decode_bytes(ids.tolist() if isinstance(ids, torch.Tensor) else ids)
 
     def decode_single_token_bytes(self, token_id):
         return self.enc.decode_single_token_bytes(token_id)
@@ -308,16 +335,13 @@ class Tokenizer:
     def token_bytes(self):
         """int32 tensor [vocab]: how many raw bytes each token stands for (0 for special tokens and
         unused ids). Taken from the raw token bytes, never via str: decoding a lone byte >= 0x80 to
-        str gives U+FFFD, 3 bytes, which skews bits-per-byte (upstream bug 2ce972a)."""
+        str gives U+FFFD, 3 bytes, which skewed bits-per-byte by ~0.05% in upstream nanochat."""
         if self._token_bytes is None:
             special_ids = set(self._special.values())
             lengths = []
             for i in range(self.get_vocab_size()):
-                if i in special_ids:
-                    lengths.append(0)
-                    continue
                 try:
-                    lengths.append(len(self.enc.decode_single_token_bytes(i)))
+                    lengths.append(0 if i in special_ids else len(self.enc.decode_single_token_bytes(i)))
                 except KeyError:  # a hole in the id space (cl100k_base has some)
                     lengths.append(0)
             self._token_bytes = torch.tensor(lengths, dtype=torch.int32)
@@ -325,87 +349,38 @@ class Tokenizer:
 
     # --- conversations ------------------------------------------------------------
 
-    def _check_conversation(self, conversation):
-        """Validate, merge a leading system message into the first user message, and return
-        [(index in the original messages, role, content)] with strict user/assistant alternation."""
-        if not isinstance(conversation, dict) or not isinstance(conversation.get("messages"), list):
-            raise ValueError("a conversation must be a dict {'messages': [{'role': ..., 'content': ...}, ...]}")
-        messages = conversation["messages"]
-        if not messages:
-            raise ValueError("conversation has no messages")
-        turns = []
-        system = None
-        for i, m in enumerate(messages):
-            if not isinstance(m, dict) or "role" not in m or "content" not in m:
-                raise ValueError(f"message {i} must be a dict with 'role' and 'content', got {m!r:.200}")
-            role, content = m["role"], m["content"]
-            if role == "system":
-                if i != 0:
-                    raise ValueError(f"message {i} has role 'system': a system message may only come first")
-                if not isinstance(content, str):
-                    raise ValueError(f"message 0 (system) content must be a str, got {type(content).__name__}")
-                system = content
-                continue
-            expected = "user" if len(turns) % 2 == 0 else "assistant"
-            if role != expected:
-                raise ValueError(f"message {i} has role {role!r} but {expected!r} was expected: roles must alternate "
-                                 f"user/assistant starting with user (after an optional leading system message)")
-            if role == "user" and not isinstance(content, str):
-                raise ValueError(f"message {i} (user) content must be a str, got {type(content).__name__}")
-            if role == "assistant" and not isinstance(content, (str, list)):
-                raise ValueError(f"message {i} (assistant) content must be a str or a list of parts, got {type(content).__name__}")
-            turns.append((i, role, content))
-        if system is not None:
-            if not turns:
-                raise ValueError("conversation has a system message but no user message to merge it into")
-            i, role, content = turns[0]
-            turns[0] = (i, role, system + "\n\n" + content)
-        return turns
-
     def render_conversation(self, conversation, max_tokens=None):
-        """Tokenize a conversation -> (ids, mask). mask[i] = 1 where the model is trained to predict
-        ids[i]: assistant text, its python tool calls (with their delimiters) and <|assistant_end|>.
-        Everything the model does not author (bos, user turns, <|assistant_start|>, tool output) is 0.
-        Conversation format: {"messages": [{"role": "system"|"user"|"assistant", "content": str or
-        [{"type": "text"|"python"|"python_output", "text": str}, ...]}]}."""
-        turns = self._check_conversation(conversation)
+        """Tokenize a conversation (format: module docstring) -> (ids, mask). mask[i] = 1 where the
+        model is trained to predict ids[i]: assistant text, its python tool calls (with their
+        delimiters) and <|assistant_end|>. Everything the model does not author (bos, user turns,
+        <|assistant_start|>, tool output) is 0."""
+        turns = check_conversation(conversation)
         sp = self._special
         missing = [t for t in SPECIAL_TOKENS if t not in sp]
         if missing:
             raise ValueError(f"tokenizer {self.name!r} lacks the chat special tokens {missing}: use a nanochat-trained tokenizer")
         ids, mask = [], []
 
-        def add(tokens, m):
+        def add(m, text=None, start=None, end=None):  # [<|start|>] text [<|end|>], all with mask m
+            tokens = ([sp[start]] if start else []) + (self.encode(text) if text else []) + ([sp[end]] if end else [])
             ids.extend(tokens)
             mask.extend([m] * len(tokens))
 
-        add([self.get_bos_token_id()], 0)
-        for i, role, content in turns:
+        ids.append(self.get_bos_token_id())
+        mask.append(0)
+        for _, role, content in turns:
             if role == "user":
-                add([sp["<|user_start|>"]], 0)
-                add(self.encode(content), 0)
-                add([sp["<|user_end|>"]], 0)
+                add(0, content, "<|user_start|>", "<|user_end|>")
                 continue
-            add([sp["<|assistant_start|>"]], 0)
-            parts = [{"type": "text", "text": content}] if isinstance(content, str) else content
-            for j, part in enumerate(parts):
-                if not isinstance(part, dict) or not isinstance(part.get("text"), str):
-                    raise ValueError(f"message {i} part {j} must be a dict with a str 'text', got {part!r:.200}")
-                kind, text = part.get("type"), part["text"]
-                if kind == "text":
-                    add(self.encode(text), 1)
-                elif kind == "python":
-                    add([sp["<|python_start|>"]], 1)
-                    add(self.encode(text), 1)
-                    add([sp["<|python_end|>"]], 1)
-                elif kind == "python_output":
-                    # produced by the tool at inference time, so never a prediction target
-                    add([sp["<|output_start|>"]], 0)
-                    add(self.encode(text), 0)
-                    add([sp["<|output_end|>"]], 0)
-                else:
-                    raise ValueError(f"message {i} part {j} has type {kind!r}: expected 'text', 'python' or 'python_output'")
-            add([sp["<|assistant_end|>"]], 1)
+            add(0, start="<|assistant_start|>")
+            for part in [{"type": "text", "text": content}] if isinstance(content, str) else content:
+                if part["type"] == "text":
+                    add(1, part["text"])
+                elif part["type"] == "python":
+                    add(1, part["text"], "<|python_start|>", "<|python_end|>")
+                else:  # python_output: produced by the tool at inference time, so never a prediction target
+                    add(0, part["text"], "<|output_start|>", "<|output_end|>")
+            add(1, end="<|assistant_end|>")
         if max_tokens is not None:
             ids, mask = ids[:max_tokens], mask[:max_tokens]
         return ids, mask
@@ -418,17 +393,13 @@ class Tokenizer:
             raise ValueError("render_for_completion needs a conversation whose last message is the assistant's "
                              "(it is dropped and the model is prompted to write it)")
         ids, _ = self.render_conversation({**conversation, "messages": messages[:-1]})
-        ids.append(self.encode_special("<|assistant_start|>"))
-        return ids
+        return ids + [self.encode_special("<|assistant_start|>")]
 
     def visualize(self, ids, mask=None):
         """Debug view: each token as [text], green if it carries loss (mask 1), red if not."""
         green, red, reset = "\033[92m", "\033[91m", "\033[0m"
-        out = []
-        for k, t in enumerate(ids):
-            color = green if mask is not None and mask[k] else red
-            out.append(f"{color}[{self.id_to_token(t)}]{reset}")
-        return "".join(out)
+        return "".join(f"{green if mask is not None and mask[k] else red}[{self.id_to_token(t)}]{reset}"
+                       for k, t in enumerate(ids))
 
 
 # -----------------------------------------------------------------------------
@@ -438,7 +409,7 @@ def get_tokenizer_dir():
 
 
 def get_tokenizer():
-    """The project's trained tokenizer (SystemExit with a how-to if it is not there)."""
+    """The project's trained tokenizer (TokenizerError with a how-to if it is not there)."""
     return Tokenizer.load(get_tokenizer_dir())
 
 

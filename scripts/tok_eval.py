@@ -3,19 +3,19 @@ Compression of our tokenizer vs GPT-2 (r50k_base) and GPT-4 (cl100k_base): bytes
 built-in samples, on local pretraining text when NANOCHAT_LOCAL_DATA is set, and on the first row
 group of the train and val shards when they exist. Prints a table, writes report/tok_eval.json.
 
-The stock .tiktoken files come from $NANOCHAT_LOCAL_DATA/tokenizers/ (checked against its SHA256SUMS
-and the published hashes) or are downloaded once from OpenAI's public URLs into <base dir>/tiktoken/.
+The stock .tiktoken files come from $NANOCHAT_LOCAL_DATA/tokenizers/ or are downloaded once from
+OpenAI's public URLs into <base dir>/tiktoken/; either is checked against the published sha256.
 
     python -m scripts.tok_eval
 """
 
 import os
-import json
 import argparse
 
-from nanochat.common import (get_base_dir, get_local_data_dir, print0, atomic_write_json, git_info, download_file,
-                             DownloadError)
-from nanochat.tokenizer import Tokenizer, STOCK_ENCODINGS, get_tokenizer, sha256_file
+from nanochat import dataset
+from nanochat.common import (UserError, get_base_dir, get_local_data_dir, print0, write_report_json, run_cli,
+                             download_file, DownloadError)
+from nanochat.tokenizer import Tokenizer, STOCK_ENCODINGS, get_tokenizer
 
 BASELINES = [("gpt2", "r50k_base"), ("gpt4", "cl100k_base")]
 
@@ -71,69 +71,50 @@ SAMPLES = {
 
 
 def stock_tiktoken_path(name):
-    """Local verified copy of a stock .tiktoken file: from NANOCHAT_LOCAL_DATA, else downloaded."""
+    """Local copy of a stock .tiktoken file: from NANOCHAT_LOCAL_DATA, else downloaded (from_tiktoken_file
+    checks either against the published sha256)."""
     spec = STOCK_ENCODINGS[name]
     local = get_local_data_dir()
     if local:
-        folder = os.path.join(local, "tokenizers")
-        path = os.path.join(folder, f"{name}.tiktoken")
+        path = os.path.join(local, "tokenizers", f"{name}.tiktoken")
         if not os.path.isfile(path):
-            raise SystemExit(f"{path} is missing: NANOCHAT_LOCAL_DATA={local} should hold tokenizers/{name}.tiktoken "
-                             f"(from {spec['url']}), or unset NANOCHAT_LOCAL_DATA to download it")
-        sums_path = os.path.join(folder, "SHA256SUMS")
-        if os.path.isfile(sums_path):
-            with open(sums_path) as f:
-                sums = {parts[1].lstrip("*"): parts[0] for parts in (l.split() for l in f) if len(parts) == 2}
-            digest = sha256_file(path)
-            if f"{name}.tiktoken" in sums and sums[f"{name}.tiktoken"] != digest:
-                raise SystemExit(f"{path} does not match {sums_path} (sha256 {digest}): the local copy is damaged")
+            raise UserError(f"{path} is missing: NANOCHAT_LOCAL_DATA={local} should hold tokenizers/{name}.tiktoken "
+                            f"(from {spec['url']}), or unset NANOCHAT_LOCAL_DATA to download it")
         return path
     path = os.path.join(get_base_dir(), "tiktoken", f"{name}.tiktoken")
     try:
         return download_file(spec["url"], path, sha256=spec["sha256"])
     except DownloadError as e:
-        raise SystemExit(f"could not download the {name} vocabulary ({e}).\nOffline? Set NANOCHAT_LOCAL_DATA to a "
-                         f"folder holding tokenizers/{name}.tiktoken, or place the file at {path}")
+        raise UserError(f"could not download the {name} vocabulary ({e}).\nOffline? Set NANOCHAT_LOCAL_DATA to a "
+                        f"folder holding tokenizers/{name}.tiktoken, or place the file at {path}")
 
 
 def local_pretrain_samples(max_chars):
     """A few real texts from $NANOCHAT_LOCAL_DATA/pretrain_text (a book, web text, encyclopedia)."""
     local = get_local_data_dir()
-    if not local:
-        return {}
-    root = os.path.join(local, "pretrain_text")
     out = {}
     for label, rel in [("gutenberg", "nltk_gutenberg/melville-moby_dick.txt"),
-                       ("wiki", "llamafactory_demo/wiki_demo.txt")]:
-        path = os.path.join(root, rel)
-        if os.path.isfile(path):
-            with open(path, encoding="utf-8", errors="replace") as f:
-                out[label] = f.read(max_chars)
-    c4 = os.path.join(root, "llamafactory_demo", "c4_demo.jsonl")
-    if os.path.isfile(c4):
-        docs, total = [], 0
-        with open(c4, encoding="utf-8") as f:
-            for line in f:
-                text = json.loads(line).get("text", "")
-                docs.append(text)
+                       ("wiki", "llamafactory_demo/wiki_demo.txt"), ("c4", "llamafactory_demo/c4_demo.jsonl")]:
+        path = os.path.join(local or "", "pretrain_text", rel)
+        if local and os.path.isfile(path):
+            texts, total = [], 0
+            for text in dataset.file_texts(path):  # the whole .txt, or the .jsonl's texts until max_chars
+                texts.append(text)
                 total += len(text)
                 if total >= max_chars:
                     break
-        out["c4"] = "\n\n".join(docs)[:max_chars]
+            out[label] = "\n\n".join(texts)[:max_chars]
     return out
 
 
 def shard_samples(max_chars):
     """The first row group of the train and val splits, when shards exist."""
-    from nanochat import dataset
     out = {}
     for split in ("train", "val"):
         try:
-            batch = next(iter(dataset.parquets_iter_batched(split)))
-        except (SystemExit, FileNotFoundError, StopIteration, ValueError) as e:
+            out[f"shard-{split}"] = "\n".join(next(iter(dataset.parquets_iter_batched(split))))[:max_chars]
+        except (dataset.DataError, StopIteration) as e:
             print0(f"(skipping the {split} shard sample: {e})")
-            continue
-        out[f"shard-{split}"] = "\n".join(batch)[:max_chars]
     return out
 
 
@@ -174,21 +155,11 @@ def main(argv=None):
                f"{r['gpt2_tokens']:>9,} {r['gpt2_bytes_per_token']:>6.2f} {r['gpt4_tokens']:>9,} "
                f"{r['gpt4_bytes_per_token']:>6.2f} {r['diff_vs_gpt2_pct']:>+7.1f}% {r['diff_vs_gpt4_pct']:>+7.1f}%")
 
-    report = {
-        "stage": "tok_eval",
-        "args": vars(args),
-        "vocab_size": ours.get_vocab_size(),
-        "fingerprint": ours.fingerprint,
-        "baselines": {label: name for label, name in BASELINES},
-        "rows": rows,
-        "git": git_info(),
-    }
-    report_dir = os.path.join(get_base_dir(), "report")
-    os.makedirs(report_dir, exist_ok=True)
-    atomic_write_json(os.path.join(report_dir, "tok_eval.json"), report)
-    print0(f"wrote {os.path.join(report_dir, 'tok_eval.json')}")
+    report = {"args": vars(args), "vocab_size": ours.get_vocab_size(), "fingerprint": ours.fingerprint,
+              "baselines": dict(BASELINES), "rows": rows}
+    print0(f"wrote {write_report_json('tok_eval', report)}")
     return report
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -6,12 +6,11 @@ Train the BPE tokenizer on the train split of the pretraining shards and save it
     python -m scripts.tok_train --max-chars 100000000 --vocab-size 8192
 """
 
-import os
 import time
 import argparse
 
-from nanochat.common import get_base_dir, print0, atomic_write_json, git_info
-from nanochat.dataset import parquets_iter_batched, DataError
+from nanochat.common import UserError, print0, write_report_json, run_cli
+from nanochat.dataset import parquets_iter_batched
 from nanochat.tokenizer import Tokenizer, SPECIAL_TOKENS, MIN_VOCAB_SIZE, get_tokenizer_dir
 
 # Round-trip check after saving: mixed scripts, emoji, code, digits, whitespace runs and a
@@ -57,15 +56,15 @@ def main(argv=None):
 
     stats = {"chars": 0, "docs": 0}
     t0 = time.time()
-    try:
+    try:  # a DataError (no shards, a damaged shard, ...) passes through: its message says what to do
         tokenizer = Tokenizer.train(text_iterator(args.max_chars, args.doc_cap, stats), args.vocab_size)
-    except DataError as e:  # no shards, damaged shard, ...: the message says what to do
-        raise SystemExit(f"error: {e}")
+    except UserError:
+        raise
     except ValueError as e:
         if stats["chars"] == 0:
-            raise SystemExit("the train split yielded no text: import or download shards first "
-                             "(python -m nanochat.dataset --help)")
-        raise SystemExit(f"tokenizer training failed: {e}")
+            raise UserError("the train split yielded no text: import or download shards first "
+                            "(python -m nanochat.dataset --help)")
+        raise UserError(f"tokenizer training failed: {e}")
     train_time = time.time() - t0
     print0(f"trained on {stats['chars']:,} chars from {stats['docs']:,} docs in {train_time:.2f}s")
 
@@ -82,30 +81,16 @@ def main(argv=None):
 
     tb = loaded.token_bytes()
     regular = tb[tb > 0].float()
-    num_special = int((tb == 0).sum())
     tb_stats = {"min": int(regular.min()), "max": int(regular.max()), "mean": round(float(regular.mean()), 4)}
-    print0(f"token_bytes: {num_special} special tokens (0 bytes); regular tokens min {tb_stats['min']}, "
+    print0(f"token_bytes: {int((tb == 0).sum())} special tokens (0 bytes); regular tokens min {tb_stats['min']}, "
            f"max {tb_stats['max']}, mean {tb_stats['mean']:.3f} bytes")
 
-    report = {
-        "stage": "tok_train",
-        "args": vars(args),
-        "train_time_s": round(train_time, 3),
-        "vocab_size": loaded.get_vocab_size(),
-        "num_special_tokens": len(SPECIAL_TOKENS),
-        "token_bytes": tb_stats,
-        "chars_used": stats["chars"],
-        "docs_used": stats["docs"],
-        "fingerprint": loaded.fingerprint,
-        "tokenizer_dir": tok_dir,
-        "git": git_info(),
-    }
-    report_dir = os.path.join(get_base_dir(), "report")
-    os.makedirs(report_dir, exist_ok=True)
-    atomic_write_json(os.path.join(report_dir, "tok_train.json"), report)
-    print0(f"wrote {os.path.join(report_dir, 'tok_train.json')}")
+    report = {"args": vars(args), "train_time_s": round(train_time, 3), "vocab_size": loaded.get_vocab_size(),
+              "num_special_tokens": len(SPECIAL_TOKENS), "token_bytes": tb_stats, "chars_used": stats["chars"],
+              "docs_used": stats["docs"], "fingerprint": loaded.fingerprint, "tokenizer_dir": tok_dir}
+    print0(f"wrote {write_report_json('tok_train', report)}")
     return report
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -3,7 +3,7 @@ ARC (AI2 Reasoning Challenge): grade-school science multiple choice, Easy and Ch
 Source: HuggingFace `allenai/ai2_arc`; locally eval_chat/arc/{subset}_{split}.jsonl in the same schema.
 """
 
-from tasks.common import Task, render_mc, load_rows, shuffled, letter_is_correct, LETTERS
+from tasks.common import Task, render_mc, load_rows, shuffled, letter_is_correct, check_choice, LETTERS
 
 SUBSETS = ("ARC-Easy", "ARC-Challenge")
 SPLITS = ("train", "validation", "test")
@@ -14,15 +14,10 @@ class ARC(Task):
 
     def __init__(self, subset="ARC-Easy", split="test", **kwargs):
         super().__init__(**kwargs)
-        if subset not in SUBSETS:
-            raise ValueError(f"ARC subset {subset!r} is not one of {SUBSETS}")
-        if split not in SPLITS:
-            raise ValueError(f"ARC split {split!r} is not one of {SPLITS}")
+        check_choice("ARC subset", subset, SUBSETS)
+        check_choice("ARC split", split, SPLITS)
         self.subset, self.split = subset, split
         self.rows = shuffled(load_rows(f"eval_chat/arc/{subset}_{split}.jsonl", "allenai/ai2_arc", subset, split))
-
-    def num_examples(self):
-        return len(self.rows)
 
     def get_example(self, index):
         row = self.rows[index]
@@ -31,13 +26,9 @@ class ARC(Task):
         # (by position) so the model only ever answers with A, B, C, ...
         letters = list(LETTERS[:len(choices)])
         answer = letters[labels.index(row["answerKey"])]
-        return {
-            "messages": [
-                {"role": "user", "content": render_mc(row["question"], letters, choices)},
-                {"role": "assistant", "content": answer},
-            ],
-            "letters": letters,
-        }
+        return {"messages": [{"role": "user", "content": render_mc(row["question"], letters, choices)},
+                             {"role": "assistant", "content": answer}],
+                "letters": letters}
 
     def evaluate(self, conversation, completion):
         return letter_is_correct(conversation, completion)

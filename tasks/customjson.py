@@ -34,11 +34,9 @@ def parse_line(line):
         raise ValueError(f"expected a JSON array of messages or an object with 'messages', got {type(row).__name__}")
     if not isinstance(messages, list):
         raise ValueError(f"'messages' must be a list, got {type(messages).__name__}")
-    conversation = {"messages": [
+    return validate_conversation({"messages": [
         {"role": m["role"], "content": m["content"]} if isinstance(m, dict) and "role" in m and "content" in m else m
-        for m in messages
-    ]}
-    return validate_conversation(conversation)
+        for m in messages]})
 
 
 class CustomJSON(Task):
@@ -49,30 +47,20 @@ class CustomJSON(Task):
         if not os.path.isfile(filepath):
             raise FileNotFoundError(f"CustomJSON: {filepath} does not exist (expected a .jsonl file of conversations)")
         self.filepath = filepath
-        self.conversations, errors = [], []
+        self.rows, errors = [], []
         with open(filepath, "rb") as f:
             for lineno, raw in enumerate(f, 1):
                 if not raw.strip():
                     continue
                 try:
-                    line = raw.decode("utf-8")
+                    self.rows.append(parse_line(raw.decode("utf-8")))
                 except UnicodeDecodeError:
                     errors.append(f"{filepath}:{lineno}: not valid UTF-8 text")
-                    continue
-                try:
-                    self.conversations.append(parse_line(line))
                 except ValueError as e:
                     errors.append(f"{filepath}:{lineno}: {e}")
         if errors:
-            listed = errors[:MAX_LISTED_ERRORS]
-            more = len(errors) - len(listed)
-            raise ValueError(f"{len(errors)} bad line(s) in {filepath}:\n" + "\n".join(listed) +
-                             (f"\n... and {more} more" if more else ""))
-        if not self.conversations:
+            more = len(errors) - MAX_LISTED_ERRORS
+            raise ValueError(f"{len(errors)} bad line(s) in {filepath}:\n" + "\n".join(errors[:MAX_LISTED_ERRORS]) +
+                             (f"\n... and {more} more" if more > 0 else ""))
+        if not self.rows:
             raise ValueError(f"{filepath} has no conversations")
-
-    def num_examples(self):
-        return len(self.conversations)
-
-    def get_example(self, index):
-        return self.conversations[index]

@@ -9,7 +9,7 @@ to use the engine's python tool for arithmetic. The solution ends with "#### <an
 
 import re
 
-from tasks.common import Task, load_rows, shuffled, extract_answer, last_text
+from tasks.common import Task, load_rows, shuffled, extract_answer, last_text, check_choice
 
 SUBSETS = ("main", "socratic")
 SPLITS = ("train", "test")
@@ -20,15 +20,12 @@ _CALC = re.compile(r"<<([^<>]*)>>")
 def solution_parts(answer):
     """GSM8K's annotated solution as assistant parts: text, then python + python_output per <<expr=result>>."""
     parts = []
-    pieces = _CALC.split(answer)  # text, annotation, text, annotation, ..., text
-    for k, piece in enumerate(pieces):
+    for k, piece in enumerate(_CALC.split(answer)):  # text, annotation, text, annotation, ..., text
         if k % 2 == 0:
-            if piece:
-                parts.append({"type": "text", "text": piece})
+            parts += [{"type": "text", "text": piece}] if piece else []
         else:
             expr, _, result = piece.rpartition("=")
-            parts.append({"type": "python", "text": expr})
-            parts.append({"type": "python_output", "text": result})
+            parts += [{"type": "python", "text": expr}, {"type": "python_output", "text": result}]
     return parts
 
 
@@ -37,23 +34,16 @@ class GSM8K(Task):
 
     def __init__(self, subset="main", split="test", **kwargs):
         super().__init__(**kwargs)
-        if subset not in SUBSETS:
-            raise ValueError(f"GSM8K subset {subset!r} is not one of {SUBSETS}")
-        if split not in SPLITS:
-            raise ValueError(f"GSM8K split {split!r} is not one of {SPLITS}")
+        check_choice("GSM8K subset", subset, SUBSETS)
+        check_choice("GSM8K split", split, SPLITS)
         self.subset, self.split = subset, split
         local = f"eval_chat/gsm8k/{split}.jsonl" if subset == "main" else f"eval_chat/gsm8k/{split}_socratic.jsonl"
         self.rows = shuffled(load_rows(local, "openai/gsm8k", subset, split))
 
-    def num_examples(self):
-        return len(self.rows)
-
     def get_example(self, index):
         row = self.rows[index]
-        return {"messages": [
-            {"role": "user", "content": row["question"]},
-            {"role": "assistant", "content": solution_parts(row["answer"])},
-        ]}
+        return {"messages": [{"role": "user", "content": row["question"]},
+                             {"role": "assistant", "content": solution_parts(row["answer"])}]}
 
     def evaluate(self, conversation, completion):
         """Correct iff the completion's "#### n" equals the reference's (commas ignored)."""

@@ -34,30 +34,17 @@ class HumanEval(Task):
         self.rows = shuffled(load_rows("eval_chat/humaneval/HumanEval.jsonl.gz",
                                        "openai/openai_humaneval", "openai_humaneval", "test"))
 
-    def num_examples(self):
-        return len(self.rows)
-
     def get_example(self, index):
         row = self.rows[index]
-        return {
-            "messages": [
-                {"role": "user", "content": row["prompt"]},
-                {"role": "assistant", "content": row["prompt"] + row["canonical_solution"]},
-            ],
-            "task_id": row["task_id"],
-            "entry_point": row["entry_point"],
-            "test": row["test"],
-        }
+        return {"messages": [{"role": "user", "content": row["prompt"]},
+                             {"role": "assistant", "content": row["prompt"] + row["canonical_solution"]}],
+                "task_id": row["task_id"], "entry_point": row["entry_point"], "test": row["test"]}
 
     def build_program(self, conversation, completion):
         """The script that passes iff the completion is correct: imports, the model's code, the tests."""
         imports = prompt_imports(conversation["messages"][0]["content"])
-        return "\n".join([
-            *imports, "",
-            extract_program(completion), "",
-            conversation["test"], "",
-            f"check({conversation['entry_point']})", "",
-        ])
+        return "\n".join([*imports, "", extract_program(completion), "", conversation["test"], "",
+                          f"check({conversation['entry_point']})", ""])
 
     def evaluate(self, conversation, completion):
         """Run the completion against the problem's tests in a subprocess sandbox; pass iff it exits cleanly."""

@@ -62,8 +62,6 @@ class Identity(Task):
     def get_example(self, index):
         rng = random.Random(f"{self.seed}:{index}")  # str seeds hash deterministically
         turns = rng.choices([1, 2, 3], weights=[6, 3, 1])[0]
-        messages = []
-        for question, answer in rng.sample(self.templates, min(turns, len(self.templates))):
-            messages.append({"role": "user", "content": self.fill(question)})
-            messages.append({"role": "assistant", "content": self.fill(answer)})
-        return {"messages": messages}
+        pairs = rng.sample(self.templates, min(turns, len(self.templates)))
+        return {"messages": [{"role": role, "content": self.fill(text)}
+                             for pair in pairs for role, text in zip(("user", "assistant"), pair)]}

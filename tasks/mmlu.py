@@ -5,7 +5,7 @@ locally eval_chat/mmlu/mmlu_{dev,test}.jsonl ({subject, question, choices, answe
 """
 
 from nanochat.common import get_local_data_dir
-from tasks.common import Task, render_mc, load_rows, shuffled, letter_is_correct, LETTERS
+from tasks.common import Task, render_mc, load_rows, shuffled, letter_is_correct, check_choice, LETTERS
 
 SPLITS = ("auxiliary_train", "validation", "dev", "test")
 LOCAL_SPLITS = ("dev", "test")
@@ -16,10 +16,9 @@ class MMLU(Task):
 
     def __init__(self, subset="all", split="test", **kwargs):
         super().__init__(**kwargs)
-        if split == "train":  # upstream once asked for "train", which does not exist
+        if split == "train":  # upstream nanochat once asked for "train", which does not exist
             raise ValueError("MMLU has no 'train' split: its training split is 'auxiliary_train'")
-        if split not in SPLITS:
-            raise ValueError(f"MMLU split {split!r} is not one of {SPLITS}")
+        check_choice("MMLU split", split, SPLITS)
         if get_local_data_dir() is not None and split not in LOCAL_SPLITS:
             raise ValueError(f"MMLU split {split!r} has no local copy (NANOCHAT_LOCAL_DATA has only "
                              f"{LOCAL_SPLITS}); unset NANOCHAT_LOCAL_DATA to download it from cais/mmlu")
@@ -35,20 +34,12 @@ class MMLU(Task):
                                  f"{split!r}: {', '.join(subjects)}")
         self.rows = shuffled(rows)
 
-    def num_examples(self):
-        return len(self.rows)
-
     def get_example(self, index):
         row = self.rows[index]
         letters = list(LETTERS[:len(row["choices"])])
-        return {
-            "messages": [
-                {"role": "user", "content": render_mc(row["question"], letters, row["choices"])},
-                {"role": "assistant", "content": letters[row["answer"]]},
-            ],
-            "letters": letters,
-            "subject": row["subject"],
-        }
+        return {"messages": [{"role": "user", "content": render_mc(row["question"], letters, row["choices"])},
+                             {"role": "assistant", "content": letters[row["answer"]]}],
+                "letters": letters, "subject": row["subject"]}
 
     def evaluate(self, conversation, completion):
         return letter_is_correct(conversation, completion)

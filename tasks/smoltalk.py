@@ -2,20 +2,14 @@
 SmolTalk: general multi-turn chat for SFT. Source: HuggingFace `HuggingFaceTB/smol-smoltalk`
 (train ~460K, test ~24K conversations, already in our message format).
 
-Offline stand-in (NANOCHAT_LOCAL_DATA set): real conversations from chat_sft/, normalised to our format:
-  sharegpt/sharegpt_v3_complete_records.jsonl.gz   multi-turn ChatGPT conversations
-  lima/lima.json                                    instruction/output, some with earlier turns in "history"
-  gpteacher/roleplay-simple-deduped-roleplay-instruct.json, gpteacher/codegen-instruct.json
-  llamafactory_demo/alpaca_en_demo.json             instruction (+ input) -> output
-Not used: fastchat/dummy_conversation.json (every conversation says "I am Vicuna, trained by LMSYS",
-which would fight the Identity task), fastchat/mt_bench_question.jsonl (questions without answers),
-gpteacher/toolformer (a text tool-call syntax our engine does not run), and the remaining chat_sft
-folders (not assistant conversations: human-human chit-chat, chatterbot snippets, hh-rlhf preference
-pairs, function-call transcripts).
-Roles are mapped to user/assistant, empty messages dropped, leading assistant and trailing user
-messages trimmed; a conversation whose roles still don't alternate is dropped. About 5% of the
-conversations, chosen by a hash of the first user message (so repeated prompts land on the same
-side), form the test split.
+Offline stand-in (NANOCHAT_LOCAL_DATA set): the real assistant conversations of chat_sft/ (LOCAL_SOURCES:
+ShareGPT, LIMA, GPTeacher roleplay and codegen, the LLaMA-Factory alpaca demo), normalised to our format:
+roles mapped to user/assistant, empty messages dropped, leading assistant and trailing user messages
+trimmed, and a conversation whose roles still don't alternate dropped. About 5% of them, chosen by a hash
+of the first user message (so repeated prompts land on the same side), form the test split. Left out:
+fastchat's dummy conversations (all say "I am Vicuna, trained by LMSYS", which would fight the Identity
+task), questions without answers, gpteacher/toolformer (a tool syntax our engine does not run), and the
+folders that are not assistant conversations (chit-chat, preference pairs, function-call transcripts).
 
 As pretraining text: `python -m tasks.smoltalk OUT.jsonl` writes the train split as plain-text
 documents ("User: ..." / "Assistant: ..." paragraphs) that `python -m nanochat.dataset import` reads.
@@ -30,7 +24,9 @@ import hashlib
 import argparse
 import functools
 
-from tasks.common import Task, local_data_path, load_hub_parquet, read_jsonl, shuffled, validate_conversation
+from nanochat.common import UserError, run_cli
+from tasks.common import (Task, local_data_path, load_hub_parquet, read_jsonl, shuffled, validate_conversation,
+                          check_choice)
 
 REPO = "HuggingFaceTB/smol-smoltalk"
 SPLITS = ("train", "test")
@@ -115,24 +111,19 @@ class SmolTalk(Task):
 
     def __init__(self, split="train", **kwargs):
         super().__init__(**kwargs)
-        if split not in SPLITS:
-            raise ValueError(f"SmolTalk split {split!r} is not one of {SPLITS}")
-        self.split = split
+        check_choice("SmolTalk split", split, SPLITS)
+        self.split, self.messages = split, None
         if local_data_path("chat_sft", REPO) is not None:
-            self.conversations, self.messages = load_local_standin()[split], None
+            self.rows = load_local_standin()[split]
         else:
             # ~460K rows: keep the arrow column and convert one conversation at a time.
             table = load_hub_parquet(REPO, "default", split)
-            self.conversations, self.messages = None, table.column("messages")
-            self.order = shuffled(list(range(len(table))))
-
-    def num_examples(self):
-        return len(self.conversations) if self.conversations is not None else len(self.order)
+            self.messages, self.rows = table.column("messages"), shuffled(list(range(len(table))))
 
     def get_example(self, index):
-        if self.conversations is not None:
-            return self.conversations[index]
-        messages = self.messages[self.order[index]].as_py()
+        if self.messages is None:
+            return self.rows[index]
+        messages = self.messages[self.rows[index]].as_py()
         return {"messages": [{"role": m["role"], "content": m["content"]} for m in messages]}
 
 
@@ -167,10 +158,10 @@ def main(argv=None):
                         help="which split (default: train; test holds the chat evals' held-out prompts)")
     args = parser.parse_args(argv)
     if not args.out.endswith(".jsonl"):
-        raise SystemExit(f"error: {args.out!r} must end in .jsonl (nanochat.dataset import reads files by suffix)")
+        raise UserError(f"{args.out!r} must end in .jsonl (nanochat.dataset import reads files by suffix)")
     n = write_text(args.out, args.split)
     print(f"Wrote {n:,} SmolTalk {args.split} conversations as text to {args.out}")
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -20,7 +20,7 @@ import random
 import functools
 
 from nanochat.common import get_base_dir, download_file, DownloadError
-from tasks.common import Task, local_data_path, extract_answer, last_text, DataUnavailableError
+from tasks.common import Task, local_data_path, extract_answer, last_text, check_choice, DataUnavailableError
 
 WORDS_URL = "https://raw.githubusercontent.com/dwyl/english-words/master/words_alpha.txt"
 SPLITS = ("train", "test")
@@ -28,35 +28,20 @@ TEST_SEED_OFFSET = 10_000_000
 TEST_WORD_FRACTION = 0.1  # of the word list held out for the test split
 
 SPELL_TEMPLATES = [
-    "Spell the word: {word}",
-    "Spell {word}",
-    "How do you spell {word}?",
-    "Can you spell {word} letter by letter?",
-    "Spell out the word {word} for me.",
-    "What are the letters in {word}?",
-    "Deletrea la palabra {word}",
-    "Épelle le mot {word}",
-    "Buchstabiere das Wort {word}",
+    "Spell the word: {word}", "Spell {word}", "How do you spell {word}?", "Can you spell {word} letter by letter?",
+    "Spell out the word {word} for me.", "What are the letters in {word}?", "Deletrea la palabra {word}",
+    "Épelle le mot {word}", "Buchstabiere das Wort {word}",
 ]
 
 COUNT_TEMPLATES = [
-    "How many {letter} are in {word}?",
-    "How many {letter}s are in the word {word}?",
-    "How many times does the letter {letter} appear in {word}?",
-    "Count the number of {letter} in {word}",
-    "Count how many times {letter} occurs in {word}",
-    "In the word {word}, how many {letter} are there?",
-    "What is the count of letter {letter} in {word}?",
-    "How often does {letter} show up in {word}?",
-    "Number of {letter} in {word}?",
-    "Tell me how many {letter} letters {word} has.",
-    "Does {word} have a lot of {letter}? How many exactly?",
-    "¿Cuántas {letter} hay en {word}?",
-    "Combien de {letter} y a-t-il dans {word} ?",
-    "Wie viele {letter} sind in {word}?",
-    "{word}에 {letter}가 몇 개 있나요?",
-    "{word}里有几个{letter}?",
-    "{word}に{letter}はいくつありますか?",
+    "How many {letter} are in {word}?", "How many {letter}s are in the word {word}?",
+    "How many times does the letter {letter} appear in {word}?", "Count the number of {letter} in {word}",
+    "Count how many times {letter} occurs in {word}", "In the word {word}, how many {letter} are there?",
+    "What is the count of letter {letter} in {word}?", "How often does {letter} show up in {word}?",
+    "Number of {letter} in {word}?", "Tell me how many {letter} letters {word} has.",
+    "Does {word} have a lot of {letter}? How many exactly?", "¿Cuántas {letter} hay en {word}?",
+    "Combien de {letter} y a-t-il dans {word} ?", "Wie viele {letter} sind in {word}?",
+    "{word}에 {letter}가 몇 개 있나요?", "{word}里有几个{letter}?", "{word}に{letter}はいくつありますか?",
 ]
 
 
@@ -96,11 +81,8 @@ def _quote(rng, s):
 
 
 def spell_example(rng, word):
-    question = rng.choice(SPELL_TEMPLATES).format(word=word)
-    return {"messages": [
-        {"role": "user", "content": question},
-        {"role": "assistant", "content": spelled(word)},
-    ]}
+    return {"messages": [{"role": "user", "content": rng.choice(SPELL_TEMPLATES).format(word=word)},
+                         {"role": "assistant", "content": spelled(word)}]}
 
 
 def count_example(rng, word):
@@ -113,13 +95,8 @@ def count_example(rng, word):
         question = question.rstrip("?")  # people often leave the question mark off
     count = word.count(letter)
     # The manual walk: one line per letter, "i:c" with no space (the same tokens as the spelling).
-    lines, running = [], 0
-    for i, c in enumerate(word, 1):
-        if c == letter:
-            running += 1
-            lines.append(f"{i}:{c} hit! count={running}")
-        else:
-            lines.append(f"{i}:{c}")
+    lines = [f"{i}:{c} hit! count={word[:i].count(letter)}" if c == letter else f"{i}:{c}"
+             for i, c in enumerate(word, 1)]
     manual = (f"Let me spell the word out first:\n{spelled(word)}\n\n"
               f"Now I go through it letter by letter, counting the letter {letter}:\n" + "\n".join(lines) +
               f"\n\nThis gives us {count}.\n\nLet me double check with Python:\n\n")
@@ -139,8 +116,7 @@ class SpellingBee(Task):
 
     def __init__(self, size=1000, split="train", count_fraction=0.5, **kwargs):
         super().__init__(**kwargs)
-        if split not in SPLITS:
-            raise ValueError(f"SpellingBee split {split!r} is not one of {SPLITS}")
+        check_choice("SpellingBee split", split, SPLITS)
         if size < 0:
             raise ValueError(f"SpellingBee size must be >= 0, got {size}")
         self.size, self.split, self.count_fraction = size, split, count_fraction
@@ -155,9 +131,7 @@ class SpellingBee(Task):
     def get_example(self, index):
         rng = random.Random(self.seed(index))
         word = rng.choice(self.words)
-        if rng.random() < self.count_fraction:
-            return count_example(rng, word)
-        return spell_example(rng, word)
+        return (count_example if rng.random() < self.count_fraction else spell_example)(rng, word)
 
     def evaluate(self, conversation, completion):
         """Spelling: the completion is exactly "word:w,o,r,d". Counting: its "#### n" is the count."""

@@ -14,6 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from nanochat import dataset
+from nanochat.common import run_cli
 from nanochat.dataset import (DataError, documents_from_file, download_shards, import_local, list_parquet_files,
                               open_shard, parquets_iter_batched, read_row_group, split_text)
 from tests.httpserver import Fault, LocalHTTPServer, Route, http_server  # noqa: F401 (fixture)
@@ -368,13 +369,16 @@ def test_download_offline_and_mixing_errors(hub, tmp_path, shards):
 # CLI
 
 def test_cli(base_dir, src_dir, capsys):
-    with pytest.raises(SystemExit, match="no importable files"):
+    with pytest.raises(DataError, match="no importable files"):
         dataset.main(["import", str(base_dir)])
+    with pytest.raises(SystemExit) as e:  # as `python -m nanochat.dataset` runs it: one line, exit status 1
+        run_cli(lambda: dataset.main(["import", str(base_dir)]))
+    assert e.value.code == 1 and capsys.readouterr().err.startswith("error: no importable files")
     dataset.main(["import", str(src_dir), "--shard-chars", "300000", "--val-fraction", "0.1"])
     assert len(list_parquet_files()) >= 2
     dataset.main(["import", str(src_dir), str(src_dir), "--overwrite"])  # several folders; a repeat is read once
     assert "4 files read" in capsys.readouterr().out
-    with pytest.raises(SystemExit, match="--overwrite"):
+    with pytest.raises(DataError, match="--overwrite"):
         dataset.main(["import", str(src_dir)])
     capsys.readouterr()
     dataset.main(["info"])
@@ -412,6 +416,6 @@ def test_cli_download_uses_endpoint_from_env(hub, base_dir, monkeypatch, capsys)
     assert [os.path.basename(p) for p in list_parquet_files()] == ["shard_00000.parquet", f"shard_{hub.val:05d}.parquet"]
     assert "Downloaded 2/2 shards" in capsys.readouterr().out
     hub.faults[shard_url_path(1)] = Fault(status=404)
-    with pytest.raises(SystemExit) as e:
+    with pytest.raises(DataError) as e:
         dataset.main(["download", "-n", "2", "--source", "tiny"])
-    assert "1 of 3 shards failed" in str(e.value.code) and "shard_00001.parquet: " in str(e.value.code)
+    assert "1 of 3 shards failed" in str(e.value) and "shard_00001.parquet: " in str(e.value)

@@ -11,6 +11,7 @@ import pytest
 
 from tasks.common import (Task, TaskMixture, TaskSequence, render_mc, validate_conversation, extract_answer,
                           load_hub_parquet, read_jsonl, DataUnavailableError)
+from nanochat.common import UserError
 from tests.httpserver import LocalHTTPServer, Route
 
 
@@ -393,7 +394,7 @@ def test_smoltalk_as_pretraining_text(local_data, tmp_path, capsys):
         paragraphs = [f"{smoltalk.ROLE_NAMES[m['role']]}: {m['content'].strip()}" for m in conversation["messages"]]
         assert text == "\n\n".join(paragraphs)
         assert text.startswith(("User: ", "System: ")) and "\n\nAssistant: " in text
-    with pytest.raises(SystemExit, match="must end in .jsonl"):
+    with pytest.raises(UserError, match="must end in .jsonl"):
         smoltalk.main([str(tmp_path / "out.txt")])
 
 

@@ -13,8 +13,8 @@ import tiktoken
 import tiktoken.load
 from hypothesis import given, settings, HealthCheck, strategies as st
 
-from nanochat.tokenizer import (Tokenizer, SPECIAL_TOKENS, SPLIT_PATTERN, MIN_VOCAB_SIZE, STOCK_ENCODINGS,
-                                get_tokenizer, get_tokenizer_dir, get_token_bytes, read_tiktoken_file)
+from nanochat.tokenizer import (Tokenizer, TokenizerError, SPECIAL_TOKENS, SPLIT_PATTERN, MIN_VOCAB_SIZE,
+                                STOCK_ENCODINGS, get_tokenizer, get_tokenizer_dir, get_token_bytes, read_tiktoken_file)
 
 N_MERGES = 300
 VOCAB = 256 + len(SPECIAL_TOKENS) + N_MERGES
@@ -174,7 +174,7 @@ def test_fingerprint_identifies_tokenizer(tok, docs):
 def test_load_missing_and_corrupt(tok, base_dir):
     d = get_tokenizer_dir()
     assert d.startswith(str(base_dir))
-    with pytest.raises(SystemExit, match=r"no tokenizer found at .*tokenizer.*train one with: python -m scripts.tok_train"):
+    with pytest.raises(TokenizerError, match=r"no tokenizer found at .*tokenizer.*train one with: python -m scripts.tok_train"):
         get_tokenizer()
     tok.save(d)
     assert get_tokenizer().fingerprint == tok.fingerprint
@@ -183,17 +183,17 @@ def test_load_missing_and_corrupt(tok, base_dir):
     ranks_path = base_dir / "tokenizer" / "tokenizer.tiktoken"
     good = ranks_path.read_bytes()
     ranks_path.write_bytes(b"".join(good.splitlines(keepends=True)[:-3]))
-    with pytest.raises(SystemExit, match="corrupt.*fingerprint.*train one with: python -m scripts.tok_train"):
+    with pytest.raises(TokenizerError, match="corrupt.*fingerprint.*train one with: python -m scripts.tok_train"):
         get_tokenizer()
     ranks_path.write_bytes(b"not base64 at all!!\n")
-    with pytest.raises(SystemExit, match="corrupt.*line 1"):
+    with pytest.raises(TokenizerError, match="corrupt.*line 1"):
         get_tokenizer()
     ranks_path.write_bytes(good)
     (base_dir / "tokenizer" / "tokenizer.json").write_text("{truncated")
-    with pytest.raises(SystemExit, match="corrupt.*tokenizer.json"):
+    with pytest.raises(TokenizerError, match="corrupt.*tokenizer.json"):
         get_tokenizer()
     (base_dir / "tokenizer" / "tokenizer.json").unlink()
-    with pytest.raises(SystemExit, match="incomplete.*tokenizer.json.*train one with"):
+    with pytest.raises(TokenizerError, match="incomplete.*tokenizer.json.*train one with"):
         get_tokenizer()
 
 
@@ -344,9 +344,10 @@ def test_stock_encoding_hash_checked(shared_data, tmp_path):
 
 def test_tok_train_and_tok_eval_scripts(base_dir, shared_data, tmp_path, monkeypatch):
     from nanochat import dataset
+    from nanochat.dataset import DataError
     from scripts import tok_train, tok_eval
 
-    with pytest.raises(SystemExit, match="no pretraining shards"):
+    with pytest.raises(DataError, match="no pretraining shards"):
         tok_train.main(["--vocab-size", "600"])
 
     src = tmp_path / "src"
@@ -361,7 +362,8 @@ def test_tok_train_and_tok_eval_scripts(base_dir, shared_data, tmp_path, monkeyp
     assert tok.get_vocab_size() == rep["vocab_size"] == 600
     assert tok.fingerprint == rep["fingerprint"]
     assert rep["token_bytes"]["min"] == 1 and rep["token_bytes"]["max"] > 3
-    assert json.loads((base_dir / "report" / "tok_train.json").read_text())["fingerprint"] == tok.fingerprint
+    saved = json.loads((base_dir / "report" / "tok_train.json").read_text())
+    assert saved["fingerprint"] == tok.fingerprint and saved["stage"] == "tok_train" and "timestamp" in saved
 
     monkeypatch.setenv("NANOCHAT_LOCAL_DATA", str(shared_data))
     ev = tok_eval.main(["--max-chars", "20000"])
@@ -372,7 +374,8 @@ def test_tok_train_and_tok_eval_scripts(base_dir, shared_data, tmp_path, monkeyp
         assert r["diff_vs_gpt4_pct"] == round(100 * (r["gpt4_tokens"] - r["ours_tokens"]) / r["gpt4_tokens"], 2)
     korean = ev["rows"][1]
     assert korean["gpt4_bytes_per_token"] > korean["gpt2_bytes_per_token"]  # GPT-4's vocab knows Hangul
-    assert (base_dir / "report" / "tok_eval.json").is_file()
+    saved = json.loads((base_dir / "report" / "tok_eval.json").read_text())
+    assert saved["rows"] == ev["rows"] and saved["stage"] == "tok_eval" and "command" in saved
 
 
 def test_tok_eval_downloads_stock_files_without_local_data(base_dir, shared_data, monkeypatch):
