@@ -36,8 +36,7 @@ class CheckpointError(UserError, RuntimeError):
 
 def stage_dir(source):
     if source not in STAGE_DIRS:
-        raise CheckpointError(f"unknown checkpoint source {source!r}: use one of {', '.join(STAGE_DIRS)} "
-                              f"or the path of an existing HF export directory")
+        raise CheckpointError(f"unknown checkpoint source {source!r}: use one of {', '.join(STAGE_DIRS)}")
     return os.path.join(get_base_dir(), STAGE_DIRS[source])
 
 
@@ -170,22 +169,10 @@ def check_tokenizer(meta, tokenizer, where):
 
 
 def load_model(source, device, phase="eval", model_tag=None, step=None, compute_dtype=None, tokenizer=None):
-    """Build a model from a checkpoint of a stage ('base', 'mid', 'sft', 'rl'), or from the path of a
-    HuggingFace export directory (nanochat/export.py; its own tokenizer comes with it). Returns
-    (model, tokenizer, meta). Prints which tag and step it loaded."""
+    """Build a model from a checkpoint of a stage ('base', 'mid', 'sft', 'rl'). Returns (model, tokenizer,
+    meta). Prints which tag and step it loaded. (An HF export folder: nanochat.hf_convert.load_any.)"""
     from nanochat.gpt import GPTConfig, build_model
     from nanochat.tokenizer import get_tokenizer
-    if source not in STAGE_DIRS and os.path.isdir(str(source)):
-        from nanochat.export import load_export, ExportError
-        if model_tag is not None or step is not None:
-            raise CheckpointError(f"--model-tag/--step do not apply to an export directory ({source}): drop them")
-        try:
-            model, export_tokenizer, meta = load_export(source, device, phase=phase, compute_dtype=compute_dtype)
-        except ExportError as e:
-            raise CheckpointError(str(e)) from None
-        if tokenizer is not None and tokenizer.fingerprint != export_tokenizer.fingerprint:
-            raise CheckpointError(f"the tokenizer passed in differs from the one shipped in {source}")
-        return model, export_tokenizer, meta
     ckpt_dir, step = resolve_checkpoint(source, model_tag, step)
     model_state, meta, _, _ = load_checkpoint(ckpt_dir, step)
     tokenizer = tokenizer or get_tokenizer()

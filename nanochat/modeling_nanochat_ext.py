@@ -3,9 +3,9 @@ transformers modeling code for nanochat models that use features transformers' b
 model type lacks: value embeddings (gated per KV head, on alternating layers), per-layer residual
 scalars (x = a_i * x + b_i * x0 before every block) and sliding-window attention layers.
 
-nanochat's export (nanochat/export.py, scripts/export_hf.py) copies this file verbatim into an export
-directory and registers it through `auto_map` in config.json, so stock transformers loads such a model
-with `AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)`. It must therefore stay
+nanochat's export (nanochat/hf_export.py) copies this file verbatim into an export folder and registers
+it through `auto_map` in config.json, so stock transformers loads such a model with
+`AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)`. It must therefore stay
 self-contained: it imports torch and transformers only, never the nanochat package. The forward pass
 mirrors nanochat/gpt.py exactly (the export's verification step checks the logits to 1e-4):
   embedding -> RMSNorm -> [resid scalars] -> pre-norm blocks -> final RMSNorm -> lm_head -> softcap
@@ -52,12 +52,9 @@ class NanoChatExtConfig(PreTrainedConfig):
     tie_word_embeddings: bool = False
 
     def __post_init__(self, **kwargs):
-        if self.num_key_value_heads is None:
-            self.num_key_value_heads = self.num_attention_heads
-        if self.value_embed_layers is None:
-            self.value_embed_layers = []
-        if self.attention_windows is None:
-            self.attention_windows = [0] * self.num_hidden_layers
+        self.num_key_value_heads = self.num_key_value_heads or self.num_attention_heads
+        self.value_embed_layers = self.value_embed_layers or []
+        self.attention_windows = self.attention_windows or [0] * self.num_hidden_layers
         super().__post_init__(**kwargs)
 
 
@@ -134,6 +131,8 @@ class NanoChatExtPreTrainedModel(PreTrainedModel):
     _no_split_modules = ["NanoChatExtDecoderLayer"]
     _skip_keys_device_placement = ["past_key_values"]
     _supports_sdpa = True
+    # get/set_input_embeddings and get/set_output_embeddings: transformers' defaults find embed_tokens
+    # (here or under .model) and lm_head
 
     def _init_weights(self, module):
         # Only used for a freshly constructed model; from_pretrained overwrites every weight.
@@ -157,12 +156,6 @@ class NanoChatExtModel(NanoChatExtPreTrainedModel):
         else:
             self.resid_lambdas = self.x0_lambdas = None
         self.post_init()
-
-    def get_input_embeddings(self):
-        return self.embed_tokens
-
-    def set_input_embeddings(self, value):
-        self.embed_tokens = value
 
     def _masks(self, B, T, past, attention_mask, device):
         """Boolean attention masks (B, 1, T, past+T), one per distinct window size. Slot order is
@@ -229,18 +222,6 @@ class NanoChatExtForCausalLM(NanoChatExtPreTrainedModel, GenerationMixin):
         self.vocab_size = config.vocab_size
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
-
-    def get_input_embeddings(self):
-        return self.model.embed_tokens
-
-    def set_input_embeddings(self, value):
-        self.model.embed_tokens = value
-
-    def get_output_embeddings(self):
-        return self.lm_head
-
-    def set_output_embeddings(self, value):
-        self.lm_head = value
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
                 inputs_embeds=None, labels=None, use_cache=None, logits_to_keep=0, **kwargs):

@@ -31,7 +31,9 @@ import torch
 
 from nanochat.common import print0, get_local_data_dir, run_cli, autodetect_dtype
 from nanochat.checkpoint import load_model, resolve_checkpoint, STAGE_DIRS
-from nanochat import export
+from nanochat.hf_convert import BUILTIN_TYPE, ExportError, builtin_missing_features
+from nanochat.hf_export import checkpoint_lineage, export_model, record_verification
+from nanochat.hf_verify import VerificationError, heldout_texts, measure_generate_speed, verify_export
 
 
 def get_args(argv=None):
@@ -45,16 +47,16 @@ def get_args(argv=None):
                    help="auto: transformers' built-in nanochat type when it represents the model exactly, else "
                         "ship our modeling code; builtin: refuse unless the built-in type fits; custom: always "
                         "ship our modeling code (default auto)")
-    p.add_argument("--no-verify", action="store_true", help="skip loading the export back with transformers and "
-                                                             "comparing it (not recommended)")
-    p.add_argument("--compare-hf", action="store_true", help="after exporting, measure greedy decode speed at batch 1 "
-                                                            "of our engine vs transformers' generate on the same weights, "
-                                                            "both in fp32 and both in the compute dtype this machine "
-                                                            "autodetects (bf16 where the hardware has it)")
-    p.add_argument("--local-data", default=None, help="folder laid out like shared/data for held-out verification "
-                                                      "text (default $NANOCHAT_LOCAL_DATA)")
-    p.add_argument("--device-type", default="cpu", help="device our model runs on during verification; "
-                                                         "transformers runs on the CPU (default cpu)")
+    p.add_argument("--no-verify", action="store_true",
+                   help="skip loading the export back with transformers and comparing it (not recommended)")
+    p.add_argument("--compare-hf", action="store_true",
+                   help="after exporting, measure greedy decode speed at batch 1 of our engine vs transformers' "
+                        "generate on the same weights, both in fp32 and both in the compute dtype this machine "
+                        "autodetects (bf16 where the hardware has it)")
+    p.add_argument("--local-data", default=None,
+                   help="folder laid out like shared/data for held-out verification text (default $NANOCHAT_LOCAL_DATA)")
+    p.add_argument("--device-type", default="cpu",
+                   help="device our model runs on during verification; transformers runs on the CPU (default cpu)")
     return p.parse_args(argv)
 
 
@@ -62,33 +64,31 @@ def main(argv=None):
     args = get_args(argv)
     out = os.path.abspath(args.out)
     if os.path.exists(out) and not args.force:
-        raise export.ExportError(f"--out {out} already exists: choose another directory or pass --force to replace it")
+        raise ExportError(f"--out {out} already exists: choose another directory or pass --force to replace it")
     ckpt_dir, step = resolve_checkpoint(args.source, args.model_tag, args.step)
     tag = os.path.basename(ckpt_dir)
     model, tokenizer, meta = load_model(args.source, torch.device(args.device_type), phase="eval", model_tag=tag,
                                         step=step, compute_dtype=torch.float32)
     partial, rejected = out + ".partial", out + ".rejected"
     shutil.rmtree(partial, ignore_errors=True)
-    info = export.export_model(model, tokenizer, partial, modeling=args.modeling, source=args.source,
-                               model_tag=tag, step=step, meta=meta,
-                               lineage=export.checkpoint_lineage(args.source, tag, step, meta))
-    kind = ("transformers' built-in 'nanochat' type (no trust_remote_code)" if info["model_type"] == export.BUILTIN_TYPE
+    info = export_model(model, tokenizer, partial, modeling=args.modeling, source=args.source, model_tag=tag,
+                        step=step, meta=meta, lineage=checkpoint_lineage(args.source, tag, step, meta))
+    kind = ("transformers' built-in 'nanochat' type (no trust_remote_code)" if info["model_type"] == BUILTIN_TYPE
             else "custom modeling code modeling_nanochat_ext.py (load with trust_remote_code=True); the built-in "
-                 "type lacks: " + "; ".join(export.builtin_missing_features(model.config) or ["nothing (--modeling custom)"]))
+                 "type lacks: " + "; ".join(builtin_missing_features(model.config) or ["nothing (--modeling custom)"]))
     print0(f"Exported {args.source}/{tag} step {step} as {kind}")
     if not args.no_verify:
-        texts = export.heldout_texts(args.local_data or get_local_data_dir())
+        texts = heldout_texts(args.local_data or get_local_data_dir())
         try:
-            verification = export.verify_export(partial, model, tokenizer, texts=texts)
-        except export.VerificationError as e:
+            verification = verify_export(partial, model, tokenizer, texts=texts)
+        except VerificationError as e:
             shutil.rmtree(rejected, ignore_errors=True)
             os.replace(partial, rejected)
-            raise export.VerificationError(f"{e}\nThe rejected export is kept at {rejected} for inspection.") from None
-        info = export.record_verification(partial, info, verification)
-        print0(f"Verified: max abs logit difference {verification['max_logit_diff']:.2e} on "
-               f"{verification['num_prompts']} prompts (tolerance {verification['atol']:g}); greedy "
-               f"{verification['greedy_tokens']} tokens identical; tokenizer identical on {verification['num_texts']} "
-               f"texts; chat template identical on {verification['num_conversations']} conversations")
+            raise VerificationError(f"{e}\nThe rejected export is kept at {rejected} for inspection.") from None
+        info = record_verification(partial, info, verification)
+        print0("Verified: max abs logit difference {max_logit_diff:.2e} on {num_prompts} prompts (tolerance {atol:g}); "
+               "greedy {greedy_tokens} tokens identical; tokenizer identical on {num_texts} texts; chat template "
+               "identical on {num_conversations} conversations".format(**verification))
     if os.path.exists(out):
         shutil.rmtree(out)
     os.replace(partial, out)
@@ -97,7 +97,7 @@ def main(argv=None):
               "verification": info.get("verification")}
     if args.compare_hf:
         dtypes = list(dict.fromkeys([torch.float32, autodetect_dtype("cpu")[0]]))  # transformers runs on the CPU
-        result["speed"] = {str(d).removeprefix("torch."): export.measure_generate_speed(model, tokenizer, out, dtype=d)
+        result["speed"] = {str(d).removeprefix("torch."): measure_generate_speed(model, tokenizer, out, dtype=d)
                            for d in dtypes}
     print0(json.dumps(result))
     return result

@@ -10,8 +10,9 @@ import shutil
 import pytest
 import torch
 
-from nanochat import export
+from nanochat import hf_convert, hf_export, hf_verify
 from nanochat.checkpoint import CheckpointError, load_model, save_checkpoint, stage_dir
+from nanochat.hf_convert import load_any
 from nanochat.engine import Engine
 from nanochat.gpt import GPTConfig, build_model
 
@@ -56,7 +57,7 @@ def test_builtin_type_export_verified(run):
     assert v["ok"] and v["max_logit_diff"] <= 1e-4 and v["num_prompts"] >= 8 and v["greedy_tokens"] == 32
     cfg = json.loads((d / "config.json").read_text())
     assert cfg["model_type"] == "nanochat" and "auto_map" not in cfg
-    assert not (d / export.EXT_MODELING_FILE).exists()
+    assert not (d / hf_convert.EXT_MODELING_FILE).exists()
     assert not (run["out"] / "d2plain.partial").exists()
     # stock transformers, no remote code
     from transformers import AutoModelForCausalLM
@@ -71,7 +72,7 @@ def test_custom_type_export_verified_and_says_so(run):
     assert r["verification"]["ok"] and r["verification"]["max_logit_diff"] <= 1e-4
     cfg = json.loads((d / "config.json").read_text())
     assert cfg["auto_map"]["AutoModelForCausalLM"] == "modeling_nanochat_ext.NanoChatExtForCausalLM"
-    code = (d / export.EXT_MODELING_FILE).read_text()
+    code = (d / hf_convert.EXT_MODELING_FILE).read_text()
     assert "import nanochat" not in code and "from nanochat" not in code  # self-contained
     card = (d / "README.md").read_text()
     assert "trust_remote_code=True" in card and "value embeddings" in card and "residual scalars" in card
@@ -83,7 +84,7 @@ def test_custom_type_export_verified_and_says_so(run):
 @pytest.mark.parametrize("tag", ["d2", "d2plain"])
 def test_round_trip_into_engine(run, tag):
     original, tokenizer = _original(tag)
-    imported, imported_tok, meta = load_model(str(run["out"] / tag), "cpu")
+    imported, imported_tok, meta = load_any(str(run["out"] / tag), "cpu")
     assert imported_tok.fingerprint == tokenizer.fingerprint
     assert meta["model_config"] == original.config.to_dict()
     ids = torch.tensor([tokenizer.encode("The quick brown fox jumps over the lazy dog.", prepend="<|bos|>")])
@@ -98,7 +99,7 @@ def test_round_trip_into_engine(run, tag):
 @pytest.mark.parametrize("tag", ["d2", "d2plain"])
 def test_stock_generate_matches_engine(run, tag):
     model, tokenizer = _original(tag)
-    hf, hf_tok = export.load_hf(str(run["out"] / tag))
+    hf, hf_tok = hf_verify.load_hf(str(run["out"] / tag))
     conv = {"messages": [{"role": "user", "content": "Tell me about the sea."}]}
     prompt = hf_tok.apply_chat_template(conv["messages"], add_generation_prompt=True, return_tensors="pt",
                                         return_dict=True)
@@ -145,9 +146,9 @@ def test_autotokenizer_ids_and_chat_template(run, shared_data):
     ]
     for conv in conversations:
         ids, _ = tokenizer.render_conversation(conv)
-        assert export._hf_ids(hf.apply_chat_template(conv["messages"], tokenize=True)) == ids
+        assert hf_verify._hf_ids(hf.apply_chat_template(conv["messages"], tokenize=True)) == ids
         prompt = tokenizer.render_for_completion(conv)
-        assert export._hf_ids(hf.apply_chat_template(conv["messages"][:-1], tokenize=True,
+        assert hf_verify._hf_ids(hf.apply_chat_template(conv["messages"][:-1], tokenize=True,
                                                      add_generation_prompt=True)) == prompt
     with pytest.raises(Exception, match="alternate"):
         hf.apply_chat_template([{"role": "assistant", "content": "hi"}], tokenize=True)
@@ -155,13 +156,13 @@ def test_autotokenizer_ids_and_chat_template(run, shared_data):
 
 def test_builtin_refused_with_named_features(run):
     model, tokenizer = _original("d2")
-    with pytest.raises(export.ExportError, match="value embeddings.*residual scalars"):
-        export.export_model(model, tokenizer, str(run["out"] / "refused"), modeling="builtin")
+    with pytest.raises(hf_convert.ExportError, match="value embeddings.*residual scalars"):
+        hf_export.export_model(model, tokenizer, str(run["out"] / "refused"), modeling="builtin")
     assert not (run["out"] / "refused").exists()
     windowed = GPTConfig(sequence_len=512, vocab_size=64, n_layer=2, n_head=2, n_kv_head=1, n_embd=32,
                          window_pattern="SL", value_embeds=False, resid_scalars=False)
-    assert any("sliding-window" in f for f in export.builtin_missing_features(windowed))
-    assert export.choose_model_type(windowed) == export.EXT_TYPE
+    assert any("sliding-window" in f for f in hf_convert.builtin_missing_features(windowed))
+    assert hf_convert.choose_model_type(windowed) == hf_convert.EXT_TYPE
 
 
 def test_sliding_windows_and_gqa_custom_export(run, tmp_path):
@@ -169,18 +170,18 @@ def test_sliding_windows_and_gqa_custom_export(run, tmp_path):
     tokenizer = run["tokenizer"]
     config = GPTConfig(sequence_len=256, vocab_size=tokenizer.get_vocab_size(), n_layer=2, n_head=4, n_kv_head=2,
                        n_embd=64, window_pattern="SL")
-    assert export.builtin_missing_features(config)
+    assert hf_convert.builtin_missing_features(config)
     torch.manual_seed(0)
     model = build_model(config, "cpu")
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.1)  # non-trivial weights everywhere (init zeroes projections)
     d = tmp_path / "windowed"
-    export.export_model(model, tokenizer, str(d))
-    v = export.verify_export(str(d), model, tokenizer, texts=export.heldout_texts())
+    hf_export.export_model(model, tokenizer, str(d))
+    v = hf_verify.verify_export(str(d), model, tokenizer, texts=hf_verify.heldout_texts())
     assert v["max_logit_diff"] <= 1e-4
     # left-padded batch in transformers == each row alone
-    hf, _ = export.load_hf(str(d))
+    hf, _ = hf_verify.load_hf(str(d))
     a, b = tokenizer.encode("one two three four five", prepend="<|bos|>"), tokenizer.encode("six", prepend="<|bos|>")
     pad = len(a) - len(b)
     ids = torch.tensor([a, [0] * pad + b])
@@ -194,12 +195,12 @@ def test_sliding_windows_and_gqa_custom_export(run, tmp_path):
 def test_verification_catches_mismatches(run, tmp_path):
     model, tokenizer = _original("d2plain")
     d = tmp_path / "exp"
-    export.export_model(model, tokenizer, str(d))
+    hf_export.export_model(model, tokenizer, str(d))
     # weights out of sync with the export
     with torch.no_grad():
         model.transformer.h[0].mlp.c_fc.weight.mul_(1.5)
-    with pytest.raises(export.VerificationError, match="logit"):
-        export.verify_export(str(d), model, tokenizer)
+    with pytest.raises(hf_verify.VerificationError, match="logit"):
+        hf_verify.verify_export(str(d), model, tokenizer)
     model, tokenizer = _original("d2plain")
     # tokenizer out of sync: two vocabulary entries swapped
     tj = json.loads((d / "tokenizer.json").read_text())
@@ -207,34 +208,52 @@ def test_verification_catches_mismatches(run, tmp_path):
     k1, k2 = [k for k, i in vocab.items() if i in (300, 301)]
     vocab[k1], vocab[k2] = vocab[k2], vocab[k1]
     (d / "tokenizer.json").write_text(json.dumps(tj))
-    with pytest.raises(export.VerificationError, match="token ids differ"):
-        export.verify_export(str(d), model, tokenizer)
+    with pytest.raises(hf_verify.VerificationError, match="token ids differ"):
+        hf_verify.verify_export(str(d), model, tokenizer)
 
 
 def test_script_rejects_failed_export(run, monkeypatch, tmp_path):
     from scripts import export_hf
-    monkeypatch.setattr(export, "CHAT_TEMPLATE", export.CHAT_TEMPLATE.replace("'\\n\\n'", "'\\n'"))
+    monkeypatch.setattr(hf_convert, "CHAT_TEMPLATE", hf_convert.CHAT_TEMPLATE.replace("'\\n\\n'", "'\\n'"))
     out = tmp_path / "bad"
-    with pytest.raises(export.VerificationError, match="chat template"):
+    with pytest.raises(hf_verify.VerificationError, match="chat template"):
         export_hf.main(["--source", "base", "--model-tag", "d2plain", "--out", str(out)])
     assert not out.exists() and (tmp_path / "bad.rejected" / "config.json").exists()
 
 
 def test_import_errors(run, tmp_path):
     with pytest.raises(CheckpointError, match="do not apply"):
-        load_model(str(run["out"] / "d2plain"), "cpu", step=60)
+        load_any(str(run["out"] / "d2plain"), "cpu", step=60)
     d = tmp_path / "odd"
     shutil.copytree(run["out"] / "d2plain", d)
     cfg = json.loads((d / "config.json").read_text())
     (d / "config.json").write_text(json.dumps({**cfg, "intermediate_size": 3 * cfg["hidden_size"]}))
     with pytest.raises(CheckpointError, match="intermediate_size"):
-        load_model(str(d), "cpu")
+        load_any(str(d), "cpu")
     (d / "config.json").write_text(json.dumps({**cfg, "model_type": "llama"}))
     with pytest.raises(CheckpointError, match="not a nanochat model"):
-        load_model(str(d), "cpu")
+        load_any(str(d), "cpu")
+    with pytest.raises(CheckpointError, match="unknown checkpoint source .*HF export directory"):
+        load_any(str(tmp_path / "missing"), "cpu")
+    with pytest.raises(CheckpointError, match="unknown checkpoint source"):
+        load_model(str(run["out"] / "d2plain"), "cpu")  # checkpoint.load_model reads our checkpoints only
+
+
+def test_layering():
+    """The HF modules sit above checkpoint and engine: nothing below imports them (no import cycle)."""
+    import ast
+    import pathlib
+    root = pathlib.Path(__file__).resolve().parents[1] / "nanochat"
+    for name in ("common", "gpt", "tokenizer", "checkpoint", "engine", "modeling_nanochat_ext"):
+        tree = ast.parse((root / f"{name}.py").read_text())
+        imported = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        imported |= {f"{n.module}.{a.name}" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) for a in n.names}
+        assert not any("hf_" in m or "export" in m for m in imported), (name, imported)
+    code = (root / "hf_convert.py").read_text()
+    assert "nanochat.engine" not in code and "hf_export" not in code and "hf_verify" not in code
 
 
 def test_generate_speed_measurement(run):
     model, tokenizer = _original("d2plain")
-    r = export.measure_generate_speed(model, tokenizer, str(run["out"] / "d2plain"), new_tokens=8, repeats=1)
+    r = hf_verify.measure_generate_speed(model, tokenizer, str(run["out"] / "d2plain"), new_tokens=8, repeats=1)
     assert r["engine_tok_s"] > 0 and r["hf_tok_s"] > 0 and r["new_tokens"] == 8
