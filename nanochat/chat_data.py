@@ -1,38 +1,25 @@
 """
 Batches of conversations for midtraining, SFT and RL: rendered once through
 tokenizer.render_conversation (the one definition of the chat format and its loss mask), turned into
-(inputs, targets) rows where every target the model must not learn is -1.
+(inputs, targets) rows where position i's target ids[i+1] is kept only where mask[i+1] == 1 (assistant
+text, its python tool calls, <|assistant_end|>) and is -1 everywhere else (user turns, <|bos|>,
+<|assistant_start|>, tool output, padding).
 
-Which targets carry loss: a target is the next token, so position i's target is ids[i+1] and it is
-kept only where mask[i+1] == 1, i.e. assistant text, its python tool calls and <|assistant_end|>.
-User turns, <|bos|>, <|assistant_start|>, tool output and padding are all -1.
+Two batchers, one interface: next_step() -> (this rank's micro-batches, its stats), state_dict(),
+resume_state=. State is indices and counters, never token lists, so a state saved by N ranks resumes
+on M (the few buffered conversations are re-rendered, deterministically).
 
-Two batchers with the same interface (next_step() -> (micro-batches of this rank, stats of this rank),
-state_dict(), resume_state=):
-
-PackedBatcher (midtraining) packs whole conversations into rows of T+1 tokens, BOS-aligned best fit:
-  each row starts with a conversation (which starts with <|bos|>) and repeatedly takes the largest
-  buffered conversation that still fits entirely; when none fits, the rest of the row is padding
-  (<|bos|> inputs, -1 targets). A conversation is never cropped to fill a row (upstream bug #11);
-  only one longer than a whole row is truncated (after its last whole turn that fits, see render_row),
-  and counted. Like
-  nanochat/dataloader.py, rows come from R independent streams (R = rows per optimizer step); stream
-  j takes conversations j, j+R, j+2R, ... of the (shuffled) mixture, so a step's global batch does not
-  depend on the number of ranks, and rank r of W builds only its own streams' rows.
-
-PaddedBatcher (SFT) puts one conversation per row, as at inference, padded to the longest row of the
-  micro-batch (or to T+1 when a fixed shape is wanted, e.g. under torch.compile). Step s uses
-  conversations [s*R, (s+1)*R) of the mixture; rank r takes its contiguous share of them.
-
-State is tiny (indices and counters, never token lists): resuming re-renders the few buffered
-conversations, which is deterministic, and a state saved by N ranks resumes on M.
+PackedBatcher (midtraining): rows of T+1 tokens, BOS-aligned best fit: each row takes the largest
+  buffered conversation that still fits entirely, and when none does the rest is padding. A
+  conversation is never cropped to fill a row (cropping would train on replies cut mid-way); only one
+  longer than a whole row is truncated (see render_row), and counted. As in nanochat/dataloader.py,
+  stream j of the R rows per step takes conversations j, j+R, j+2R, ..., so the global batch does not
+  depend on the number of ranks.
+PaddedBatcher (SFT): one conversation per row, padded to the micro-batch's longest row (or to T+1 for a
+  fixed shape under torch.compile); step s takes conversations [s*R, (s+1)*R), split across ranks.
 """
 
 import torch
-
-# -----------------------------------------------------------------------------
-# Rows
-
 
 def render_row(tokenizer, conversation, capacity):
     """(ids, mask, cut): the rendered conversation, and how it was cut to fit `capacity` tokens:
@@ -70,7 +57,7 @@ def rows_to_batch(rows, pad_id, length=None, device="cpu"):
     inputs = ids_t[:, :-1]
     targets = torch.where(keep[:, 1:], ids_t[:, 1:], torch.full_like(ids_t[:, 1:], -1))
     device = torch.device(device)
-    if device.type == "cuda":  # pinned host memory only exists with CUDA (upstream bug #25)
+    if device.type == "cuda":  # pinning memory needs CUDA: on CPU-only torch pin_memory() crashes
         return (inputs.pin_memory().to(device, non_blocking=True),
                 targets.pin_memory().to(device, non_blocking=True))
     return inputs.contiguous().to(device), targets.contiguous().to(device)
@@ -81,14 +68,6 @@ def new_stats():
     taken from the mixture, how many were truncated (at a turn boundary or, cut_mid_reply, inside
     their first reply), rows built, their tokens, of which padding."""
     return {"conversations": 0, "truncated": 0, "cut_mid_reply": 0, "rows": 0, "row_tokens": 0, "pad_tokens": 0}
-
-
-def _check_batch(B, world_size, rows_per_step):
-    R = rows_per_step or B * world_size
-    if B < 1 or R % (B * world_size):
-        raise ValueError(f"rows per step ({R}) must be a multiple of device batch {B} x world size {world_size}; "
-                         f"pick a --device-batch-size that divides {R // max(world_size, 1)}")
-    return R
 
 
 class _Subset:
@@ -116,24 +95,39 @@ def drop_overlong(task, tokenizer, capacity):
     return _Subset(task, keep), len(task) - len(keep)
 
 
-# -----------------------------------------------------------------------------
-# Midtraining: best-fit packing, BOS-aligned, padded instead of cropped
+class _Batcher:
+    """What both batchers share: the mixture, the shapes, this rank's row slots among the R rows of a
+    step, and the check that a saved state fits them."""
+    kind = None
+
+    def __init__(self, dataset, tokenizer, B, T, rows_per_step, rank, world_size, device):
+        if len(dataset) == 0:
+            raise ValueError(f"{type(self).__name__}: the conversation mixture is empty")
+        self.R = rows_per_step or B * world_size
+        if B < 1 or self.R % (B * world_size):
+            raise ValueError(f"rows per step ({self.R}) must be a multiple of device batch {B} x world size "
+                             f"{world_size}; pick a --device-batch-size that divides {self.R // max(world_size, 1)}")
+        self.dataset, self.tok, self.B, self.T, self.device = dataset, tokenizer, B, T, device
+        self.N, self.bos = len(dataset), tokenizer.get_bos_token_id()
+        per_rank = self.R // world_size
+        self.streams = list(range(rank * per_rank, (rank + 1) * per_rank))
+
+    def _check_state(self, st):
+        if (st.get("kind"), st["R"], st["T"], st["N"]) != (self.kind, self.R, self.T, self.N):
+            raise ValueError(f"cannot resume the {self.kind} batcher: saved with {st['R']} rows per step of at most "
+                             f"{st['T']}+1 tokens over {st['N']} conversations, now {self.R}, {self.T}, {self.N}; "
+                             f"keep --total-batch-size, --max-seq-len and the mixture flags")
 
 
-class PackedBatcher:
-    """Yields each optimizer step's micro-batches of (inputs, targets), shape (B, T), for this rank."""
+class PackedBatcher(_Batcher):
+    """Midtraining: best-fit packing, BOS-aligned, padded instead of cropped. Each step's micro-batches
+    of (inputs, targets), shape (B, T), for this rank."""
+    kind = "packed"
 
     def __init__(self, dataset, tokenizer, B, T, rows_per_step=None, rank=0, world_size=1, device="cpu",
                  buffer_size=16, resume_state=None):
-        if len(dataset) == 0:
-            raise ValueError("PackedBatcher: the conversation mixture is empty")
-        self.R = _check_batch(B, world_size, rows_per_step)
-        self.dataset, self.tok, self.B, self.T = dataset, tokenizer, B, T
-        self.device, self.buffer_size = device, buffer_size
-        self.N = len(dataset)
-        self.bos = tokenizer.get_bos_token_id()
-        per_rank = self.R // world_size
-        self.streams = list(range(rank * per_rank, (rank + 1) * per_rank))
+        super().__init__(dataset, tokenizer, B, T, rows_per_step, rank, world_size, device)
+        self.buffer_size = buffer_size
         self.next = {j: j for j in self.streams}       # next mixture index (any epoch) stream j takes
         self.buffer = {j: [] for j in self.streams}    # mixture indices taken but not yet packed
         self._rendered = {}                            # mixture index -> (ids, mask), buffered ones only
@@ -156,13 +150,10 @@ class PackedBatcher:
                 buf.append(g)
                 self.next[j] = g + self.R
             room = cap - len(ids)
-            best = None
-            for g in buf:
-                n = len(self._rendered[g][0])
-                if n <= room and (best is None or n > len(self._rendered[best][0])):
-                    best = g
-            if best is None:
+            fits = [g for g in buf if len(self._rendered[g][0]) <= room]
+            if not fits:
                 break
+            best = max(fits, key=lambda g: len(self._rendered[g][0]))  # the first of the longest
             buf.remove(best)
             a, m = self._rendered.pop(best)
             ids += a
@@ -189,10 +180,7 @@ class PackedBatcher:
         """Take this rank's streams from the states saved by every rank of a run of any world size."""
         merged = {}
         for st in states if isinstance(states, list) else [states]:
-            if (st.get("kind"), st["R"], st["T"], st["N"]) != ("packed", self.R, self.T, self.N):
-                raise ValueError(f"cannot resume the packed batcher: saved with {st['R']} rows of {st['T']}+1 tokens "
-                                 f"over {st['N']} conversations, now {self.R} rows of {self.T}+1 over {self.N}; "
-                                 f"keep --total-batch-size, --max-seq-len and the mixture flags")
+            self._check_state(st)
             merged.update({int(j): s for j, s in st["streams"].items()})
         missing = [j for j in self.streams if j not in merged]
         if missing:
@@ -205,44 +193,28 @@ class PackedBatcher:
                 self._take(g, scratch)  # re-render only; these were counted when first taken
 
 
-# -----------------------------------------------------------------------------
-# SFT: one conversation per row, padded
-
-
-class PaddedBatcher:
-    """Yields each optimizer step's micro-batches of (inputs, targets) for this rank, one conversation
-    per row. Rows are at most T+1 tokens (longer conversations are truncated, see render_row, and
-    counted); inputs are
-    as wide as the longest row of the micro-batch minus one, or exactly T with fixed_length=True."""
+class PaddedBatcher(_Batcher):
+    """SFT: each step's micro-batches of (inputs, targets) for this rank, one conversation per row. Rows
+    are at most T+1 tokens (longer conversations are truncated, see render_row, and counted); inputs
+    are as wide as the longest row of the micro-batch minus one, or exactly T with fixed_length=True."""
+    kind = "padded"
 
     def __init__(self, dataset, tokenizer, B, T, rows_per_step=None, rank=0, world_size=1, device="cpu",
                  fixed_length=False, resume_state=None):
-        if len(dataset) == 0:
-            raise ValueError("PaddedBatcher: the conversation mixture is empty")
-        self.R = _check_batch(B, world_size, rows_per_step)
-        self.dataset, self.tok, self.B, self.T = dataset, tokenizer, B, T
-        self.device, self.fixed_length = device, fixed_length
-        self.N = len(dataset)
-        self.bos = tokenizer.get_bos_token_id()
-        per_rank = self.R // world_size
-        self.mine = range(rank * per_rank, (rank + 1) * per_rank)  # offsets within each step's R rows
+        super().__init__(dataset, tokenizer, B, T, rows_per_step, rank, world_size, device)
+        self.fixed_length = fixed_length
         self.next = 0  # mixture index (any epoch) of the next step's first row
         if resume_state is not None:
-            states = resume_state if isinstance(resume_state, list) else [resume_state]
-            st = states[0]
-            if (st.get("kind"), st["R"], st["T"], st["N"]) != ("padded", self.R, self.T, self.N):
-                raise ValueError(f"cannot resume the padded batcher: saved with {st['R']} rows per step of at most "
-                                 f"{st['T']}+1 tokens over {st['N']} conversations, now {self.R}, {self.T}, {self.N}; "
-                                 f"keep --total-batch-size, --max-seq-len and the mixture flags")
+            st = resume_state[0] if isinstance(resume_state, list) else resume_state
+            self._check_state(st)
             self.next = st["next"]
 
     def next_step(self):
         stats = new_stats()
         batches = []
-        offsets = list(self.mine)
-        for a in range(0, len(offsets), self.B):
+        for a in range(0, len(self.streams), self.B):
             rows = []
-            for k in offsets[a:a + self.B]:
+            for k in self.streams[a:a + self.B]:
                 ids, mask, cut = render_row(self.tok, self.dataset[(self.next + k) % self.N], self.T + 1)
                 rows.append((ids, mask))
                 count_cut(stats, cut)

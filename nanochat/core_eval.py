@@ -1,43 +1,27 @@
 """
 The DCLM CORE metric: 22 in-context-learning tasks scored from a base model's next-token losses,
-each reported as accuracy and as centered accuracy, and CORE = the mean centered accuracy.
+each reported as accuracy and as centered accuracy (acc - b) / (1 - b), b = random baseline / 100, so
+0 is chance and 1 perfect; CORE = the mean centered accuracy.
 
-Where the tasks come from (the "eval bundle", as published with DCLM and nanochat):
-    core.yaml            icl_tasks: label, dataset_uri, num_fewshot [k], icl_task_type,
-                         continuation_delimiter (default a single space)
-    eval_meta_data.csv   "Eval Task" and "Random baseline" (percent) per task
-    eval_data/<category>/<file>.jsonl
-ensure_bundle() finds it: an explicit directory (--bundle-dir), else $NANOCHAT_LOCAL_DATA/eval_core,
-else the official zip downloaded once into <base dir>/eval_bundle (one process per machine, under a
-file lock, before any eval loop; the other ranks wait). Tasks whose data file is missing are left out
-of CORE by name.
+The "eval bundle" (as published with DCLM and nanochat): core.yaml (icl_tasks: label, dataset_uri,
+num_fewshot, icl_task_type, continuation_delimiter), eval_meta_data.csv ("Eval Task", "Random
+baseline" in percent) and eval_data/<category>/<file>.jsonl; see ensure_bundle() for where it is
+found. Tasks whose data file is missing are left out of CORE by name.
 
-The three task types, for one item at index idx (few-shot examples are drawn from the rest of the
-task, see fewshot_indices; blocks are joined by a blank line):
-    multiple_choice  fields query, choices, gold. Few-shot block: query + delim + choices[gold].
-                     One prompt per choice: query + delim + choice. The scored continuation is
-                     every token after the prefix all choices share. Pick the choice with the lowest
-                     mean loss over its continuation.
-    schema           fields context_options, continuation, gold. Few-shot block:
-                     context_options[gold] + delim + continuation. One prompt per context option:
-                     option + delim + continuation. The scored span is the suffix all prompts share
-                     (the continuation). Pick the option with the lowest mean loss.
-    language_modeling fields context, continuation. Few-shot block: context.strip() + delim +
-                     continuation. Two prompts: without the continuation (then str.strip()ped) and
-                     with it; the continuation is the tokens after the first prompt. Correct iff the
-                     greedy (argmax) prediction equals the continuation at every position.
-Every prompt is tokenized with BOS prepended. The tokens all options of an item share (the few-shot
-examples, and the query for multiple choice) run through the model once, into a KV cache that every
-option's remainder then attends to; the remainders run as one batch, right-padded with BOS (causal
-attention: padding never affects earlier positions). Only positions that predict a scored token are
-projected onto the vocabulary. This is the same arithmetic as one forward per prompt, several times
-cheaper for 10-shot prompts (test_scoring_matches_brute_force checks it against exactly that).
-When an item's longest prompt exceeds the model's context (config.sequence_len), every prompt of the
-item loses the same number of tokens from the left, so that all options are still scored against
-one identical context; the scored spans' indices move left by the same amount, and a span is kept
-whole whenever it fits.
-
-Centered accuracy = (acc - b) / (1 - b) with b = random baseline / 100, so 0 is chance and 1 perfect.
+The three task types, for one item (few-shot examples drawn from the rest of the task, blocks joined
+by a blank line, every prompt tokenized with BOS prepended):
+    multiple_choice   one prompt per choice: query + delim + choice; the scored continuation is every
+                      token after the prefix all choices share; pick the lowest mean loss.
+    schema            one prompt per context option: option + delim + continuation; the scored span is
+                      the suffix all prompts share; pick the lowest mean loss.
+    language_modeling context + delim + continuation, scored on the tokens after the stripped context;
+                      correct iff the greedy prediction equals the continuation at every position.
+The tokens all options of an item share run through the model once, into a KV cache every option's
+remainder attends to (right-padded with BOS: causal attention never lets padding reach earlier
+positions), and only positions that predict a scored token reach the vocabulary: the same arithmetic
+as one forward per prompt, several times cheaper for 10-shot prompts (test_scoring_matches_brute_force).
+An item longer than the context loses the same number of tokens from the left of every prompt, so all
+options are still scored against one identical context.
 """
 
 import os
@@ -52,7 +36,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from nanochat.common import get_base_dir, get_local_data_dir, download_file, print0, is_master, DownloadError
+from nanochat.common import (get_base_dir, get_local_data_dir, download_file, print0, is_master, atomic_write_bytes,
+                             DownloadError, UserError)
 
 BUNDLE_URL = "https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip"
 TASK_TYPES = ("multiple_choice", "schema", "language_modeling")
@@ -118,8 +103,7 @@ def load_tasks(bundle_dir):
     baselines = read_baselines(os.path.join(bundle_dir, "eval_meta_data.csv"))
     tasks = []
     for t in spec["icl_tasks"]:
-        label = t["label"]
-        shots = t["num_fewshot"]
+        label, shots = t["label"], t["num_fewshot"]
         shots = shots[0] if isinstance(shots, list) else shots
         if t["icl_task_type"] not in TASK_TYPES:
             raise ValueError(f"{yaml_path}: task {label!r} has type {t['icl_task_type']!r}, expected one of {TASK_TYPES}")
@@ -142,11 +126,6 @@ def load_task_data(path):
 
 # -----------------------------------------------------------------------------
 # Getting the bundle
-
-def _barrier():
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-
 
 def _is_bundle(path):
     return os.path.isfile(os.path.join(path, "core.yaml")) and os.path.isfile(os.path.join(path, "eval_meta_data.csv"))
@@ -198,11 +177,7 @@ def convert_squad(zip_path, out_path):
                                                               question=qa["question"].strip()),
                              "continuation": qa["answers"][0]["text"].strip()})
     os.makedirs(os.path.dirname(out_path), exist_ok=True)
-    tmp = out_path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        for r in rows:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
-    os.replace(tmp, out_path)
+    atomic_write_bytes(out_path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode("utf-8"))
     return len(rows)
 
 
@@ -219,17 +194,17 @@ def ensure_bundle(bundle_dir=None, url=None, progress=True):
     per machine (local rank 0; rank 0 on a single node) downloads and converts, holding a file lock
     so concurrent jobs sharing a disk never race. The others wait for the lock and the finished
     bundle by polling the disk rather than in a collective, because a slow download must not trip
-    the process group's timeout (upstream #554 lost whole multi-GPU runs that way); a final barrier
-    lines the ranks up. If the downloading process fails, torchrun stops the others."""
+    the process group's timeout (upstream nanochat lost whole multi-GPU runs to a download that
+    outlasted it); a final barrier lines the ranks up. If the downloader fails, torchrun stops the others."""
     from filelock import FileLock
     if bundle_dir is None and get_local_data_dir() is not None:
         bundle_dir = os.path.join(get_local_data_dir(), "eval_core")
         if not _is_bundle(bundle_dir):
-            raise SystemExit(f"NANOCHAT_LOCAL_DATA is set but {bundle_dir} has no core.yaml and eval_meta_data.csv; "
-                             f"put the eval bundle there, pass --bundle-dir, or unset NANOCHAT_LOCAL_DATA to download it")
+            raise UserError(f"NANOCHAT_LOCAL_DATA is set but {bundle_dir} has no core.yaml and eval_meta_data.csv; "
+                            f"put the eval bundle there, pass --bundle-dir, or unset NANOCHAT_LOCAL_DATA to download it")
     if bundle_dir is not None and not _is_bundle(bundle_dir):
-        raise SystemExit(f"--bundle-dir {bundle_dir}: no core.yaml and eval_meta_data.csv there "
-                         f"(expected an unzipped CORE eval bundle)")
+        raise UserError(f"--bundle-dir {bundle_dir}: no core.yaml and eval_meta_data.csv there "
+                        f"(expected an unzipped CORE eval bundle)")
     target = bundle_dir or os.path.join(get_base_dir(), "eval_bundle")
     lock = FileLock(os.path.join(get_base_dir(), "eval_bundle.lock"))
     if int(os.environ.get("LOCAL_RANK", "0")) == 0:
@@ -240,8 +215,8 @@ def ensure_bundle(bundle_dir=None, url=None, progress=True):
                 try:
                     download_bundle(url, target, progress=progress and is_master())
                 except DownloadError as e:
-                    raise SystemExit(f"could not get the CORE eval bundle: {e}. Pass --bundle-dir to an "
-                                     f"unzipped copy, or set NANOCHAT_LOCAL_DATA.") from None
+                    raise UserError(f"could not get the CORE eval bundle: {e}. Pass --bundle-dir to an "
+                                    f"unzipped copy, or set NANOCHAT_LOCAL_DATA.") from None
             if _squad_pending(target):
                 out = os.path.join(converted_dir(), SQUAD_URI)
                 n = convert_squad(os.path.join(target, SQUAD_RAW), out)
@@ -252,7 +227,8 @@ def ensure_bundle(bundle_dir=None, url=None, progress=True):
                 if _is_bundle(target) and not _squad_pending(target):
                     break
             time.sleep(1.0)
-    _barrier()
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
     return target
 
 
@@ -296,23 +272,17 @@ def _common_prefix_len(seqs):
     return n
 
 
-def _common_suffix_len(seqs):
-    return _common_prefix_len([s[::-1] for s in seqs])
-
-
 def tokenize_prompts(tokenizer, task_type, prompts):
     """(rows of token ids, [(start, end)] scored span per row). Every row starts with BOS; every span
     holds at least one token and never includes position 0 (it needs a position that predicts it)."""
-    bos = tokenizer.get_bos_token_id()
-    ids = tokenizer.encode(prompts, prepend=bos)
+    ids = tokenizer.encode(prompts, prepend=tokenizer.get_bos_token_id())
+    shortest = min(len(s) for s in ids)
     if task_type == "multiple_choice":
         # Identical or nested choices would leave an empty span: keep at least the last token.
-        start = min(_common_prefix_len(ids), min(len(s) for s in ids) - 1) if len(ids) > 1 else 1
-        start = max(start, 1)
+        start = max(1, min(_common_prefix_len(ids), shortest - 1)) if len(ids) > 1 else 1
         return ids, [(start, len(s)) for s in ids]
     if task_type == "schema":
-        suffix = min(_common_suffix_len(ids), min(len(s) for s in ids) - 1) if len(ids) > 1 else len(ids[0]) - 1
-        suffix = max(suffix, 1)
+        suffix = max(1, min(_common_prefix_len([s[::-1] for s in ids]), shortest - 1))
         return ids, [(len(s) - suffix, len(s)) for s in ids]
     if task_type == "language_modeling":
         without, with_cont = ids
@@ -401,8 +371,7 @@ def evaluate_task(model, tokenizer, task, device, max_per_task=-1, rank=0, world
 
 def centered_accuracy(accuracy, baseline_percent):
     """0 = random guessing, 1 = perfect: (acc - b) / (1 - b) with b = baseline_percent / 100."""
-    b = baseline_percent / 100.0
-    return (accuracy - b) / (1.0 - b)
+    return (accuracy - baseline_percent / 100.0) / (1.0 - baseline_percent / 100.0)
 
 
 def core_summary(accuracies, tasks):
@@ -440,10 +409,7 @@ def write_results_csv(path, summary):
     for label, c in summary["centered"].items():
         lines.append(f"{label:<35}, {summary['accuracy'][label]:<10.6f}, {c:<10.6f}")
     lines.append(f"{'CORE':<35}, {'':<10}, {summary['core']:<10.6f}")
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        f.write("\n".join(lines) + "\n")
-    os.replace(tmp, path)
+    atomic_write_bytes(path, ("\n".join(lines) + "\n").encode("utf-8"))
     return path
 
 
@@ -458,10 +424,8 @@ def read_results_csv(path):
             raise ValueError(f"{path}: expected the header Task, Accuracy, Centered; got {header}")
         for rec in reader:
             rec = [c.strip() for c in rec]
-            if not rec or not rec[0]:
-                continue
-            if rec[0] == "CORE":
+            if rec and rec[0] == "CORE":
                 core = float(rec[2])
-                continue
-            rows[rec[0]] = (float(rec[1]) if rec[1] else None, float(rec[2]))
+            elif rec and rec[0]:
+                rows[rec[0]] = (float(rec[1]) if rec[1] else None, float(rec[2]))
     return rows, core

@@ -16,12 +16,7 @@ Architecture (each piece named with where it comes from):
 Master weights are fp32; every Linear casts its weight to the activation dtype (the compute dtype,
 bf16 where the hardware has it), so there is no autocast anywhere. The model is built on the meta
 device and then initialised explicitly by init_weights(), so nothing set in __init__ is lost.
-
-KV-cache protocol used by forward() (implemented by nanochat.engine.KVCache):
-    kv_cache.pos                       tokens already cached (the same for every row)
-    kv_cache.update(layer, k, v)       store k, v (B, T, H_kv, D) at [pos, pos+T), return all keys
-                                       and values [0, pos+T) for that layer
-    kv_cache.advance(T)                called once after the last layer
+Attention itself (backends, windows, the KV-cache form) lives in nanochat/attention.py.
 """
 
 from dataclasses import dataclass, asdict
@@ -30,11 +25,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-# FlashAttention-3 (Hopper only). Optional: SDPA is used everywhere else, and on Hopper without it.
-try:
-    from flash_attn_interface import flash_attn_func as _fa3_func  # pip package built from FA3 "hopper"
-except Exception:
-    _fa3_func = None
+from nanochat.attention import cached_attention, window_sizes
 
 
 @dataclass
@@ -99,72 +90,6 @@ def apply_rotary(x, cos, sin):
     return torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin], dim=-1)
 
 
-def window_sizes(config):
-    """Per-layer attention window in tokens (None = full causal context)."""
-    short = max(128, -(-config.sequence_len // 4 // 128) * 128)  # a quarter context, in multiples of 128
-    sizes = []
-    for i in range(config.n_layer):
-        c = config.window_pattern[i % len(config.window_pattern)]
-        full = c == "L" or i == config.n_layer - 1 or short >= config.sequence_len
-        sizes.append(None if full else short)
-    return sizes
-
-
-def attention(q, k, v, window, pos):
-    """Causal attention of queries at positions [pos, pos+Tq) over keys [0, Tk). Layout (B, T, H, D).
-
-    Uses FlashAttention-3 when present (Hopper, bf16, no cache), else PyTorch SDPA, which picks its
-    own fused kernel (flash/memory-efficient on CUDA, a flash kernel on CPU).
-    """
-    Tq, Tk = q.size(1), k.size(1)
-    if _fa3_func is not None and q.is_cuda and q.dtype == torch.bfloat16 and pos == 0 and Tq == Tk:
-        # FA3's left window counts keys before the query's own: window - 1 of them gives the same
-        # `window` keys per query as the masks below (q - k < window), so training, prefill and decode agree.
-        out = _fa3_func(q, k, v, causal=True, window_size=(window - 1 if window else -1, 0))
-        return out[0] if isinstance(out, tuple) else out
-    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-    gqa = q.size(1) != k.size(1)
-    if k.dtype != q.dtype:  # a KV cache kept in fp32 on the CPU (see engine.KVCache)
-        if Tq == 1 and (window is None or window >= Tk):
-            # One decoded token: fp32 SDPA over the fp32 cache is ~6x faster on the CPU than bf16
-            # for these (1 x context) shapes, and nothing needs casting but q.
-            y = F.scaled_dot_product_attention(q.float(), k, v, enable_gqa=gqa)
-            return y.to(q.dtype).transpose(1, 2)
-        k, v = k.to(q.dtype), v.to(q.dtype)
-    if q.device.type == "cpu" and q.requires_grad and pos == 0 and Tq == Tk <= 1024:
-        # CPU training: explicit scores/softmax, which torch.compile fuses, is ~1.5-2x faster forward +
-        # backward than the CPU flash kernel at these sizes (measured, scripts/bench_train.py); the
-        # T x T scores it keeps for backward are affordable up to ~1K context.
-        return _attention_explicit(q, k, v, window).transpose(1, 2)
-    if pos == 0 and Tq == Tk and (window is None or window >= Tk):
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
-    elif Tq == 1 and (window is None or window >= Tk):
-        y = F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)  # one new token sees everything
-    else:
-        qpos = torch.arange(pos, pos + Tq, device=q.device)[:, None]
-        kpos = torch.arange(Tk, device=q.device)[None, :]
-        mask = kpos <= qpos
-        if window is not None:
-            mask = mask & (qpos - kpos < window)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
-    return y.transpose(1, 2)
-
-
-def _attention_explicit(q, k, v, window):
-    """softmax(q k^T / sqrt(D) + causal/window mask) v, layout (B, H, T, D); GQA by repeating k, v."""
-    if q.size(1) != k.size(1):
-        rep = q.size(1) // k.size(1)
-        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-    T = q.size(2)
-    i = torch.arange(T, device=q.device)
-    allowed = i[None, :] <= i[:, None]
-    if window is not None:
-        allowed = allowed & (i[:, None] - i[None, :] < window)
-    scores = (q @ k.transpose(-1, -2)).float() * q.size(-1) ** -0.5
-    probs = torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1).to(q.dtype)
-    return probs @ v
-
-
 class CausalSelfAttention(nn.Module):
     VE_GATE_CHANNELS = 32  # the gate looks at the first few channels only: cheap and sufficient
 
@@ -199,11 +124,7 @@ class CausalSelfAttention(nn.Module):
         # the kernel launches, which is most of the cost of a decode step on a CPU.
         qk = norm(apply_rotary(qk.view(B, T, H + Hkv, D), cos, sin), self.eps)
         q, k = qk.split([H, Hkv], dim=2)
-        pos = 0
-        if kv_cache is not None:
-            pos = kv_cache.pos
-            k, v = kv_cache.update(self.layer_idx, k, v)
-        y = attention(q, k, v, window, pos)
+        y = cached_attention(q, k, v, window, kv_cache, self.layer_idx)
         return self.c_proj(y.reshape(B, T, -1))
 
 
@@ -445,8 +366,6 @@ class GPT(nn.Module):
         self.compiled = True
         return self
 
-    # ------------------------------------------------------------------ optimizer
-
     def setup_optimizer(self, unembedding_lr=0.008, embedding_lr=0.3, matrix_lr=0.02, scalar_lr=0.5,
                         weight_decay=0.0, rank=0, world_size=1, ortho="polar"):
         """MuonAdamW with one Muon group per matrix shape inside the blocks and AdamW for the rest.
@@ -459,10 +378,8 @@ class GPT(nn.Module):
         def adamw(params, lr, betas, wd):
             return {"kind": "adamw", "params": params, "names": [names[p] for p in params], "lr": lr,
                     "betas": betas, "eps": 1e-10, "weight_decay": wd}
-        groups = [
-            adamw([self.lm_head.weight], unembedding_lr * s, (0.8, 0.96), 0.01),
-            adamw([self.transformer.wte.weight], embedding_lr * s, (0.8, 0.995), 0.001),
-        ]
+        groups = [adamw([self.lm_head.weight], unembedding_lr * s, (0.8, 0.96), 0.01),
+                  adamw([self.transformer.wte.weight], embedding_lr * s, (0.8, 0.995), 0.001)]
         if len(self.value_embeds):
             groups.append(adamw(list(self.value_embeds.parameters()), embedding_lr * s * 0.5, (0.8, 0.995), 0.01))
         if self.config.resid_scalars:
@@ -475,11 +392,8 @@ class GPT(nn.Module):
             ps = by_shape[shape]
             groups.append({"kind": "muon", "params": ps, "names": [names[p] for p in ps], "lr": matrix_lr,
                            "momentum": 0.95, "weight_decay": weight_decay})
-        counted = sum(len(g["params"]) for g in groups)
-        assert counted == len(names), "every parameter must be in exactly one optimizer group"
+        assert sum(len(g["params"]) for g in groups) == len(names), "every parameter in exactly one optimizer group"
         return MuonAdamW(groups, rank=rank, world_size=world_size, ortho=ortho, ortho_dtype=self.compute_dtype)
-
-    # ------------------------------------------------------------------ accounting
 
     def matmul_params(self):
         """Parameters that take part in matmuls: every Linear weight, counted structurally."""
@@ -488,27 +402,19 @@ class GPT(nn.Module):
     def num_params(self):
         """Parameter counts by group. 'scaling' = transformer matrices + lm_head (the count the
         training horizon is derived from: embeddings are lookups, not compute)."""
-        c = {
-            "wte": self.transformer.wte.weight.numel(),
-            "value_embeds": sum(p.numel() for p in self.value_embeds.parameters()),
-            "lm_head": self.lm_head.weight.numel(),
-            "transformer_matrices": sum(p.numel() for p in self.transformer.h.parameters()),
-            "scalars": sum(p.numel() for n, p in self.named_parameters() if p.ndim < 2),
-        }
-        c["total"] = sum(p.numel() for p in self.parameters())
-        c["scaling"] = c["transformer_matrices"] + c["lm_head"]
-        return c
+        c = {"wte": self.transformer.wte.weight.numel(),
+             "value_embeds": sum(p.numel() for p in self.value_embeds.parameters()), "lm_head": self.lm_head.weight.numel(),
+             "transformer_matrices": sum(p.numel() for p in self.transformer.h.parameters()),
+             "scalars": sum(p.numel() for p in self.parameters() if p.ndim < 2),
+             "total": sum(p.numel() for p in self.parameters())}
+        return {**c, "scaling": c["transformer_matrices"] + c["lm_head"]}
 
     def flops_per_token(self, seq_len=None):
         """Training FLOPs per token: 6 per matmul weight (fwd + bwd) plus attention scores and
         values, 12 * H * D * (context attended) per layer (6 * 2 matmuls), with the window capping
         the context. Counts full (not causal-halved) attention, as is customary for MFU."""
-        T = seq_len or self.config.sequence_len
-        cfg = self.config
-        attn = sum(12 * cfg.n_head * cfg.head_dim * min(w or T, T) for w in self.windows)
-        return 6 * self.matmul_params() + attn
-
-    # ------------------------------------------------------------------ naive reference generation
+        T, cfg = seq_len or self.config.sequence_len, self.config
+        return 6 * self.matmul_params() + sum(12 * cfg.n_head * cfg.head_dim * min(w or T, T) for w in self.windows)
 
     @torch.inference_mode()
     def generate(self, tokens, max_tokens, temperature=1.0, top_k=None, seed=42):

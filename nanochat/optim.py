@@ -43,6 +43,11 @@ _reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_sc
 _all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 
+def _pad_rows(x, n):
+    """x with zero matrices appended along dim 0 up to n rows (the padding slots of a muon group)."""
+    return torch.cat([x, x.new_zeros(n - x.size(0), *x.shape[1:])]) if x.size(0) < n else x
+
+
 def orthogonalize(G, method="polar", dtype=torch.bfloat16):
     """Approximate U V^T for a stack of matrices G (..., m, n). Works on the wide orientation so the
     Gram matrix A is the small one."""
@@ -98,63 +103,50 @@ class MuonAdamW(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self):
         W = self.world_size
-        jobs = []  # (kind, group, param or None, local grad view, comm work or None, extra)
+        jobs = []  # (group, param or None for a muon group, local gradient, comm work or None)
         # Phase 1: launch every gradient reduction at once so communication overlaps.
         for group in self.param_groups:
             if group["kind"] == "adamw":
                 for p in group["params"]:
                     if p.grad is None:
                         continue
-                    g = p.grad
-                    if W == 1:
-                        jobs.append(("adamw", group, p, g, None))
-                    elif self._adamw_sharded(p):
-                        out = torch.empty((p.size(0) // W, *p.shape[1:]), dtype=g.dtype, device=g.device)
-                        work = _reduce_scatter(out, g.contiguous(), op=dist.ReduceOp.SUM, async_op=True)
-                        jobs.append(("adamw", group, p, out, work))
-                    else:
+                    g, work = p.grad, None
+                    if self._adamw_sharded(p):
+                        g = torch.empty((p.size(0) // W, *p.shape[1:]), dtype=p.grad.dtype, device=p.grad.device)
+                        work = _reduce_scatter(g, p.grad.contiguous(), op=dist.ReduceOp.SUM, async_op=True)
+                    elif W > 1:
                         work = dist.all_reduce(g, op=dist.ReduceOp.SUM, async_op=True)
-                        jobs.append(("adamw", group, p, g, work))
-            else:
-                params = group["params"]
-                if any(p.grad is None for p in params):
-                    continue
-                stacked = torch.stack([p.grad for p in params])
-                if W == 1:
-                    jobs.append(("muon", group, None, stacked, None))
-                else:
-                    padded, _, _ = self._muon_slice(group)
-                    if padded > len(params):
-                        stacked = torch.cat([stacked, stacked.new_zeros(padded - len(params), *stacked.shape[1:])])
-                    out = stacked.new_empty(padded // W, *stacked.shape[1:])
-                    work = _reduce_scatter(out, stacked, op=dist.ReduceOp.SUM, async_op=True)
-                    jobs.append(("muon", group, None, out, work))
+                    jobs.append((group, p, g, work))
+            elif all(p.grad is not None for p in group["params"]):
+                g, work = torch.stack([p.grad for p in group["params"]]), None
+                if W > 1:
+                    full = _pad_rows(g, self._muon_slice(group)[0])
+                    g = full.new_empty(full.size(0) // W, *full.shape[1:])
+                    work = _reduce_scatter(g, full, op=dist.ReduceOp.SUM, async_op=True)
+                jobs.append((group, None, g, work))
         # Phase 2: as each reduction lands, update the owned slice and launch its all-gather.
         gathers = []
-        for kind, group, p, g, work in jobs:
+        for group, p, g, work in jobs:
             if work is not None:
                 work.wait()
                 g.div_(W)
-            if kind == "adamw":
-                if W > 1 and self._adamw_sharded(p):
-                    n = p.size(0) // W
-                    own = p.data[self.rank * n:(self.rank + 1) * n]
-                    self._adamw_update(group, p, own, g)
-                    gathers.append((None, None, _all_gather(p.data, own.clone(), async_op=True)))
-                else:
-                    self._adamw_update(group, p, p.data, g)
+            if p is not None and self._adamw_sharded(p):
+                n = p.size(0) // W
+                own = p.data[self.rank * n:(self.rank + 1) * n]
+                self._adamw_update(group, p, own, g)
+                gathers.append((None, None, _all_gather(p.data, own.clone(), async_op=True)))
+            elif p is not None:
+                self._adamw_update(group, p, p.data, g)
             else:
-                params = group["params"]
-                padded, start, end = self._muon_slice(group) if W > 1 else (len(params), 0, len(params))
-                owned = [params[i] for i in range(start, min(end, len(params)))]
+                padded, start, end = self._muon_slice(group)
+                owned = group["params"][start:end]
                 if owned:
                     self._muon_update(group, owned, g[:len(owned)])
-                if W > 1:
+                if W > 1:  # padding slots ship zeros, dropped on receipt
                     local = torch.stack([q.data for q in owned]) if owned else g.new_empty(0, *g.shape[1:])
-                    if local.size(0) < end - start:  # padding slots: ship zeros, dropped on receipt
-                        local = torch.cat([local, local.new_zeros(end - start - local.size(0), *local.shape[1:])])
                     full = local.new_empty(padded, *local.shape[1:])
-                    gathers.append((group, full, _all_gather(full, local.contiguous(), async_op=True)))
+                    gathers.append((group, full, _all_gather(full, _pad_rows(local, end - start).contiguous(),
+                                                             async_op=True)))
         # Phase 3: copy gathered parameters into place.
         for group, buf, work in gathers:
             work.wait()
@@ -177,7 +169,8 @@ class MuonAdamW(torch.optim.Optimizer):
         m, v = state["exp_avg"], state["exp_avg_sq"]
         m.lerp_(g, 1 - beta1)
         v.lerp_(g.square(), 1 - beta2)
-        # Bias-correct both moments before adding eps (upstream bug #3 applied eps to the raw v).
+        # Bias-correct both moments before adding eps (modded-nanogpt's AdamW, as first copied
+        # upstream, added eps to the un-corrected second moment).
         denom = (v / (1 - beta2 ** t)).sqrt_().add_(eps)
         p32 = data.float()
         if wd:
@@ -251,12 +244,9 @@ class MuonAdamW(torch.optim.Optimizer):
                     parts = [s["adamw"].get(name) for s in shards]
                     if parts[0] is None:
                         continue
-                    state = {}
+                    state = {k: v for k, v in parts[0].items() if k != "sharded" and not torch.is_tensor(v)}
                     for key, v in parts[0].items():
-                        if key == "sharded":
-                            continue
                         if not torch.is_tensor(v):
-                            state[key] = v
                             continue
                         # saved sharded: rank order = row order; saved replicated: every rank has it all
                         full = torch.cat([q[key] for q in parts]) if parts[0]["sharded"] else v

@@ -22,21 +22,16 @@ import platform
 import argparse
 import datetime
 
-from nanochat.common import get_base_dir, git_info, write_report_json, atomic_write_bytes
+from nanochat.common import report_dir, git_info, run_cli, write_report_json, atomic_write_bytes
 
 # Known stages in pipeline order, with their section titles.
 STAGES = {
-    "tok_train": "Tokenizer training",
-    "tok_eval": "Tokenizer evaluation",
-    "base_train": "Base model training",
-    "base_eval": "Base model evaluation",
+    "tok_train": "Tokenizer training", "tok_eval": "Tokenizer evaluation",
+    "base_train": "Base model training", "base_eval": "Base model evaluation",
     "chat_eval_base": "Chat evaluation (base)",
-    "mid_train": "Midtraining",
-    "chat_eval_mid": "Chat evaluation (mid)",
-    "chat_sft": "Chat SFT",
-    "chat_eval_sft": "Chat evaluation (sft)",
-    "chat_rl": "Chat RL",
-    "chat_eval_rl": "Chat evaluation (rl)",
+    "mid_train": "Midtraining", "chat_eval_mid": "Chat evaluation (mid)",
+    "chat_sft": "Chat SFT", "chat_eval_sft": "Chat evaluation (sft)",
+    "chat_rl": "Chat RL", "chat_eval_rl": "Chat evaluation (rl)",
 }
 # Stages a complete run has; the others (base/mid chat evals, midtraining, RL) are optional.
 REQUIRED = ("tok_train", "tok_eval", "base_train", "base_eval", "chat_sft", "chat_eval_sft")
@@ -46,12 +41,6 @@ CHAT_METRICS = ("ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval", "Spel
 SPECIAL_KEYS = {"stage", "timestamp", "git", "command", "args", "losses", "val_bpb_history", "wall_time",
                 "samples", "unconditioned_samples", "results", "core_accuracy", "core_centered", "core_items",
                 "core_seconds", "system"}
-
-
-def report_dir():
-    path = os.path.join(get_base_dir(), "report")
-    os.makedirs(path, exist_ok=True)
-    return path
 
 
 # -----------------------------------------------------------------------------
@@ -74,20 +63,12 @@ def system_info():
     import psutil
     gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
     vram = sum(torch.cuda.get_device_properties(i).total_memory for i in range(len(gpus))) / 2**30 if gpus else 0.0
-    return {
-        "platform": platform.platform(),
-        "cpu": cpu_model(),
-        "cpu_cores_physical": psutil.cpu_count(logical=False),
-        "cpu_cores_logical": psutil.cpu_count(logical=True),
-        "ram_gb": round(psutil.virtual_memory().total / 2**30, 1),
-        "gpu_count": len(gpus),
-        "gpus": gpus,
-        "gpu_memory_gb": round(vram, 1),
-        "cuda": torch.version.cuda if gpus else None,
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "git": git_info(),
-    }
+    return {"platform": platform.platform(), "cpu": cpu_model(),
+            "cpu_cores_physical": psutil.cpu_count(logical=False), "cpu_cores_logical": psutil.cpu_count(logical=True),
+            "ram_gb": round(psutil.virtual_memory().total / 2**30, 1),
+            "gpu_count": len(gpus), "gpus": gpus, "gpu_memory_gb": round(vram, 1),
+            "cuda": torch.version.cuda if gpus else None,
+            "python": platform.python_version(), "torch": torch.__version__, "git": git_info()}
 
 
 # -----------------------------------------------------------------------------
@@ -96,8 +77,8 @@ def system_info():
 def reset():
     """Archive the previous run's summaries and start a new report with a header."""
     rdir = report_dir()
-    old = sorted(glob.glob(os.path.join(rdir, "*.json"))) + [p for p in (os.path.join(rdir, "report.md"),
-                                                                         os.path.join(rdir, "loss.png")) if os.path.exists(p)]
+    old = sorted(glob.glob(os.path.join(rdir, "*.json")))
+    old += [p for p in (os.path.join(rdir, "report.md"), os.path.join(rdir, "loss.png")) if os.path.exists(p)]
     if old:
         archive = os.path.join(rdir, "archive", datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
         os.makedirs(archive, exist_ok=True)
@@ -186,13 +167,13 @@ def load_summaries(rdir):
     return summaries, unreadable
 
 
+def _git_line(git):
+    return f"- Git commit: {git.get('commit', 'unknown')} ({'dirty' if git.get('dirty') else 'clean'})"
+
+
 def section_header(system, started, note):
-    git = system.get("git", {})
-    lines = ["## Environment", ""]
-    if note:
-        lines += [f"_{note}_", ""]
-    lines += [
-        f"- Git commit: {git.get('commit', 'unknown')} ({'dirty' if git.get('dirty') else 'clean'})",
+    lines = ["## Environment", ""] + ([f"_{note}_", ""] if note else []) + [
+        _git_line(system.get("git", {})),
         f"- Platform: {system.get('platform', '-')}",
         f"- CPU: {system.get('cpu', '-')} ({system.get('cpu_cores_physical', '-')} physical / "
         f"{system.get('cpu_cores_logical', '-')} logical cores)",
@@ -204,22 +185,18 @@ def section_header(system, started, note):
                      f"CUDA {system.get('cuda')}")
     else:
         lines.append("- GPUs: none (CPU run)")
-    lines += [f"- Python {system.get('python', '-')}, PyTorch {system.get('torch', '-')}"]
-    if started:
-        lines.append(f"- Run started: {started}")
-    return "\n".join(lines)
+    lines.append(f"- Python {system.get('python', '-')}, PyTorch {system.get('torch', '-')}")
+    return "\n".join(lines + ([f"- Run started: {started}"] if started else []))
 
 
 def section_stage(stage, data):
-    title = STAGES.get(stage, stage)
-    lines = [f"## {title}", "", f"- Finished: {data.get('timestamp', '-')}"]
+    lines = [f"## {STAGES.get(stage, stage)}", "", f"- Finished: {data.get('timestamp', '-')}"]
     if stage_seconds(data) is not None:
         lines.append(f"- Wall time: {fmt_duration(stage_seconds(data))}")
     if data.get("command"):
         lines.append(f"- Command: `{data['command']}`")
-    git = data.get("git")
-    if isinstance(git, dict):
-        lines.append(f"- Git commit: {git.get('commit')} ({'dirty' if git.get('dirty') else 'clean'})")
+    if isinstance(data.get("git"), dict):
+        lines.append(_git_line(data["git"]))
     args = data.get("args")
     if isinstance(args, dict) and args:
         lines += ["", "Settings:", ""] + [f"- {k}: {fmt_value(v)}" for k, v in args.items()]
@@ -254,26 +231,22 @@ def section_stage(stage, data):
 
 def metrics_table(summaries):
     """Headline metrics per stage; '-' where a stage did not run or did not report the metric."""
-    rows = []
-    core_row = ["CORE"]
-    for _, source in COLUMNS:
-        v = summaries.get("base_eval", {}).get("core") if source == "base" else None
-        core_row.append(f"{v:.4f}" if isinstance(v, (int, float)) else "-")
-    rows.append(core_row)
-    for metric in CHAT_METRICS + ("ChatCORE",):
-        row = [metric]
-        for _, source in COLUMNS:
-            ev = summaries.get(f"chat_eval_{source}", {})
-            v = ev.get("chatcore") if metric == "ChatCORE" else ev.get("results", {}).get(metric, {}).get("accuracy")
-            row.append(f"{v:.4f}" if isinstance(v, (int, float)) else "-")
-        rows.append(row)
+    def cell(v):
+        return f"{v:.4f}" if isinstance(v, (int, float)) else "-"
+    core = summaries.get("base_eval", {}).get("core")
+    rows = [["CORE"] + [cell(core if source == "base" else None) for _, source in COLUMNS]]
+    evals = [summaries.get(f"chat_eval_{source}", {}) for _, source in COLUMNS]
+    for metric in CHAT_METRICS:
+        rows.append([metric] + [cell(ev.get("results", {}).get(metric, {}).get("accuracy")) for ev in evals])
+    rows.append(["ChatCORE"] + [cell(ev.get("chatcore")) for ev in evals])
     return md_table(["Metric"] + [c for c, _ in COLUMNS], rows)
 
 
 def plot_curves(summaries, path):
     """Training loss (raw and smoothed) and validation bpb of every stage that logged them. Returns
     True if anything was plotted."""
-    curves = [(s, d) for s, d in summaries.items() if isinstance(d.get("losses"), list) or isinstance(d.get("val_bpb_history"), list)]
+    curves = [(s, d) for s, d in summaries.items()
+              if isinstance(d.get("losses"), list) or isinstance(d.get("val_bpb_history"), list)]
     if not curves:
         return False
     import matplotlib
@@ -285,10 +258,9 @@ def plot_curves(summaries, path):
         if losses:
             steps = list(range(1, len(losses) + 1))
             line, = ax_loss.plot(steps, losses, alpha=0.3, linewidth=0.8)
-            smooth, ema = [], None
-            for x in losses:
-                ema = x if ema is None else 0.9 * ema + 0.1 * x
-                smooth.append(ema)
+            smooth = losses[:1]
+            for x in losses[1:]:
+                smooth.append(0.9 * smooth[-1] + 0.1 * x)
             ax_loss.plot(steps, smooth, color=line.get_color(), label=f"{stage} (EMA 0.9)")
         hist = [h for h in d.get("val_bpb_history") or [] if isinstance(h, (list, tuple)) and len(h) == 2]
         if hist:
@@ -341,13 +313,12 @@ def generate(gpu_hour_price=3.0, cpu_hour_price=0.0, copy_to=None):
                      f"**${hours * cpu_hour_price:,.2f}**")
     else:
         parts.append(f"CPU run: no GPU cost ({hours:.2f} h wall time; pass --cpu-hour-price to price the machine).")
-    if missing:
-        optional = [s for s in missing if s not in REQUIRED]
-        required = [s for s in missing if s in REQUIRED]
-        if required:
-            parts += ["", f"Missing stages: {', '.join(required)}"]
-        if optional:
-            parts += ["", f"Not run (optional): {', '.join(optional)}"]
+    required = [s for s in missing if s in REQUIRED]
+    optional = [s for s in missing if s not in REQUIRED]
+    if required:
+        parts += ["", f"Missing stages: {', '.join(required)}"]
+    if optional:
+        parts += ["", f"Not run (optional): {', '.join(optional)}"]
     if unreadable:
         parts += ["", f"Unreadable summaries (skipped): {', '.join(unreadable)}"]
     png = os.path.join(rdir, "loss.png")
@@ -389,4 +360,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from nanochat import core_eval
+from nanochat.common import UserError
 from tests.httpserver import LocalHTTPServer, Fault
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
@@ -274,12 +275,12 @@ def test_bundle_download_errors_are_clear(base_dir, tmp_path, monkeypatch):
     www.mkdir()
     (www / "not_a_zip.zip").write_bytes(b"hello, this is not a zip file")
     with LocalHTTPServer(www) as srv:
-        with pytest.raises(SystemExit, match="not a valid zip"):
+        with pytest.raises(UserError, match="not a valid zip"):
             core_eval.ensure_bundle(url=srv.url + "/not_a_zip.zip", progress=False)
-        with pytest.raises(SystemExit, match="404"):
+        with pytest.raises(UserError, match="404"):
             core_eval.ensure_bundle(url=srv.url + "/missing.zip", progress=False)
     assert not (base_dir / "eval_bundle").exists()
-    with pytest.raises(SystemExit, match="--bundle-dir"):
+    with pytest.raises(UserError, match="--bundle-dir"):
         core_eval.ensure_bundle(str(tmp_path))
 
 
@@ -315,6 +316,6 @@ def test_base_eval_rejects_bad_flags(tiny_base, shared_data):
     from scripts import base_eval
     with pytest.raises(SystemExit):
         base_eval.get_args(["--eval", "core,vibes"])
-    with pytest.raises(SystemExit, match="unknown task"):
+    with pytest.raises(UserError, match="unknown task"):
         base_eval.main(["--eval=core", "--tasks=copa,nonsense", f"--bundle-dir={shared_data / 'eval_core'}",
                         "--device-type=cpu"])

@@ -7,7 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nanochat.gpt import GPTConfig, build_model, linear_cross_entropy, attention, window_sizes
+from nanochat.gpt import GPTConfig, build_model, linear_cross_entropy
+from nanochat.attention import attention, window_sizes
 
 
 def reference_ce(x, W, t, softcap, reduction="mean"):

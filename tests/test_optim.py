@@ -57,7 +57,8 @@ def test_muon_and_adamw_converge_on_least_squares():
 
 
 def test_schedules_at_edges():
-    # warmup ramps up, then flat, then decays DOWN to final frac (upstream bug #2 ramped the wrong way)
+    # warmup ramps up, then flat, then decays DOWN to final frac (upstream once interpolated
+    # the wrong way, ramping up to 1 instead of decaying)
     N = 100
     assert lr_multiplier(0, N, 10, 0.5, 0.1) == 0.1
     assert lr_multiplier(9, N, 10, 0.5, 0.1) == 1.0
