@@ -55,7 +55,7 @@ def list_steps(ckpt_dir):
     """Steps with a complete checkpoint (meta present and every file it lists present), ascending."""
     steps = []
     for meta_path in glob.glob(os.path.join(ckpt_dir, "meta_*.json")):
-        m = re.search(r"meta_(\d+)\.json$", meta_path)  # a regex, not string splitting (upstream bug #20)
+        m = re.search(r"meta_(\d+)\.json$", meta_path)  # a regex: splitting on "_" breaks on tags with underscores
         if not m:
             continue
         try:
@@ -72,7 +72,8 @@ def save_checkpoint(ckpt_dir, step, meta, model_state=None, optim_state=None, lo
                     rank=0, world_size=1, keep_last=None):
     """Collective under torchrun: every rank calls it. Rank 0 passes model_state and meta; each rank
     its own optim_state and loader_state. Returns the meta path."""
-    os.makedirs(ckpt_dir, exist_ok=True)  # every rank: each writes its own shard (upstream bug #25)
+    os.makedirs(ckpt_dir, exist_ok=True)  # every rank: each writes its own optimizer shard, so
+    # creating the folder on rank 0 alone races the others
     tag = f"{step:06d}"
     if optim_state is not None:
         _save_torch(optim_state, os.path.join(ckpt_dir, f"optim_{tag}_rank{rank}.pt"))
@@ -157,6 +158,15 @@ def load_checkpoint(ckpt_dir, step, load_optimizer=False, load_loader=False):
         if all(os.path.exists(p) for p in paths):
             loader_states = [_load_torch(p) for p in paths]
     return model_state, meta, optim_shards, loader_states
+
+
+def model_from_state(model_state, meta, device, compute_dtype=torch.float32):
+    """The GPT a checkpoint's meta describes, with its weights (fp32 masters; a compiled model's keys
+    carry torch.compile's "_orig_mod." prefix, removed as a prefix: str.lstrip would strip characters)."""
+    from nanochat.gpt import GPTConfig, build_model
+    model = build_model(GPTConfig(**meta["model_config"]), device, compute_dtype)
+    model.load_state_dict({k.removeprefix("_orig_mod."): v.float() for k, v in model_state.items()}, strict=True)
+    return model
 
 
 def check_tokenizer(meta, tokenizer, where):

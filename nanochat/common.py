@@ -10,7 +10,6 @@ import sys
 import json
 import time
 import random
-import signal
 import hashlib
 import threading
 import datetime
@@ -29,12 +28,15 @@ class UserError(Exception):
 
 
 def run_cli(main):
-    """Run a script's main(): a UserError becomes a one-line 'error: ...' on stderr and exit status 1."""
+    """Run a script's main(): a UserError becomes a one-line 'error: ...' on stderr and exit status 1;
+    Ctrl-C, once a training loop has saved what it could, exit status 130 (the shell's convention)."""
     try:
         return main()
     except UserError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         raise SystemExit(1)
+    except KeyboardInterrupt:
+        raise SystemExit(130)
 
 
 # -----------------------------------------------------------------------------
@@ -82,7 +84,7 @@ def get_local_data_dir():
     instead of downloading; None means "download the real sources"."""
     path = os.environ.get("NANOCHAT_LOCAL_DATA")
     if path and not os.path.isdir(path):
-        raise SystemExit(f"NANOCHAT_LOCAL_DATA={path!r} is not a directory")
+        raise UserError(f"NANOCHAT_LOCAL_DATA={path!r} is not a directory")
     return path or None
 
 
@@ -123,7 +125,7 @@ def init_wandb(run_name, project, config):
     try:
         import wandb
     except ImportError:
-        raise SystemExit("--run was set but wandb is not installed: pip install wandb (or drop --run)")
+        raise UserError("--run was set but wandb is not installed: pip install wandb (or drop --run)")
     return wandb.init(project=project, name=run_name, config=config)
 
 
@@ -167,7 +169,7 @@ def autodetect_dtype(device_type):
         try:
             return parse_dtype(env), f"NANOCHAT_DTYPE={env}"
         except ValueError as e:
-            raise SystemExit(f"NANOCHAT_DTYPE: {e}")
+            raise UserError(f"NANOCHAT_DTYPE: {e}")
     if device_type == "cuda":
         major, minor = torch.cuda.get_device_capability()
         if major >= 8:
@@ -233,17 +235,17 @@ def compute_init(device_type="", seed=42):
     """
     device_type = device_type or autodetect_device_type()
     if device_type not in ("cuda", "mps", "cpu"):
-        raise SystemExit(f"--device-type {device_type!r} is not one of cuda, mps, cpu")
+        raise UserError(f"--device-type {device_type!r} is not one of cuda, mps, cpu")
     if device_type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device-type cuda was asked for but torch sees no CUDA device")
+        raise UserError("--device-type cuda was asked for but torch sees no CUDA device")
     if device_type == "mps" and not torch.backends.mps.is_available():
-        raise SystemExit("--device-type mps was asked for but MPS is not available")
+        raise UserError("--device-type mps was asked for but MPS is not available")
     ddp, rank, local_rank, world_size = get_dist_info()
     seed_everything(seed)
     if device_type == "cuda":
         torch.set_float32_matmul_precision("high")  # TF32 for any fp32 matmul left over
     if ddp and device_type == "mps":
-        raise SystemExit("torchrun with MPS is not supported: run a single process on Apple silicon")
+        raise UserError("torchrun with MPS is not supported: run a single process on Apple silicon")
     if device_type == "cuda":
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
@@ -265,65 +267,27 @@ def compute_init(device_type="", seed=42):
     return Runtime(ddp, rank, local_rank, world_size, device, device_type, dtype, reason)
 
 
-class StopRequested(KeyboardInterrupt):
-    """Raised by GracefulStop.check() at a step boundary: the state is a whole step, safe to save."""
+class PeakRSS:
+    """Samples this process's resident memory in a thread (ru_maxrss never goes down between runs)."""
 
+    def __init__(self, interval=0.02):
+        import psutil
+        self.proc, self.interval, self.peak, self._stop = psutil.Process(), interval, 0, threading.Event()
 
-class GracefulStop:
-    """Ctrl-C (SIGINT) and SIGTERM (a scheduler pre-empting the job) during a training loop only set a
-    flag; the loop calls check() between steps, which raises StopRequested, and the loop saves a
-    checkpoint of whole steps. Letting the signal raise wherever it lands is not safe: after
-    optimizer.step() but before the step counter moves, the checkpoint would be mislabelled, and inside a
-    finalizer Python swallows the exception and training just goes on. A second Ctrl-C before the step
-    ends raises a plain KeyboardInterrupt at once, for a loop stuck somewhere else (nothing is saved
-    then); once check() has fired, further signals are ignored so that they cannot cut the save short
-    (people press Ctrl-C twice). install() before the loop, restore() after it (the previous handlers
-    come back)."""
-
-    def __init__(self):
-        self.requested = None  # the signal's name once one arrived
-        self.stopping = False  # check() fired: the checkpoint is being written
-
-    def _say(self, text):
-        if os.environ.get("RANK", "0") == "0":  # os.write: print() is not safe inside a signal handler
-            os.write(2, f"\n{text}\n".encode())
-
-    def _handle(self, signum, frame):
-        if self.stopping:
-            self._say("saving the checkpoint first; it will exit when done")
-            return
-        if self.requested is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.requested = signal.Signals(signum).name
-        self._say(f"{self.requested}: stopping after this step (Ctrl-C again: stop at once, without saving)")
-
-    def check(self):
-        if self.requested is not None:
-            self.stopping = True
-            raise StopRequested(self.requested)
-
-    def install(self):
-        self._saved = {}
-        if threading.current_thread() is threading.main_thread():  # only the main thread may set handlers
-            self._saved = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+    def __enter__(self):
+        self.peak = self.proc.memory_info().rss
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
         return self
 
-    def restore(self):
-        for s, handler in self._saved.items():
-            signal.signal(s, handler)
-        self._saved = {}
+    def _run(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.proc.memory_info().rss)
+            time.sleep(self.interval)
 
-    def exit(self, e, rt, step, steps_this_run, save):
-        """The end of a training loop stopped by KeyboardInterrupt e: save() (one process, at a step
-        boundary, with steps to keep), then exit 130. Under torchrun nothing is saved here: the ranks may
-        have stopped at different steps; --resume continues from the last periodic checkpoint."""
-        if isinstance(e, StopRequested) and not rt.ddp and steps_this_run > 0:
-            print0(f"\n{e}: saving step {step} so --resume can continue from it")
-            save()
-        elif not rt.ddp and steps_this_run > 0:
-            print0("\nInterrupted in the middle of a step: nothing saved; --resume continues from the last checkpoint")
-        compute_cleanup(barrier=False)
-        raise SystemExit(130)
+    def __exit__(self, *exc):
+        self._stop.set()
+        self.thread.join()
 
 
 def compute_cleanup(barrier=True):
@@ -396,7 +360,7 @@ class DownloadError(UserError, RuntimeError):
     pass
 
 
-def _sha256_file(path):
+def sha256_file(path):
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -418,7 +382,7 @@ def download_file(url, path, expected_size=None, sha256=None, retries=5, timeout
     def verified(p):
         if expected_size is not None and os.path.getsize(p) != expected_size:
             return f"size {os.path.getsize(p)} != expected {expected_size}"
-        if sha256 is not None and _sha256_file(p) != sha256:
+        if sha256 is not None and sha256_file(p) != sha256:
             return "sha256 mismatch"
         return None
 
@@ -472,13 +436,19 @@ def download_file(url, path, expected_size=None, sha256=None, retries=5, timeout
 # -----------------------------------------------------------------------------
 # Stage summaries
 
+def report_dir():
+    """report/ under the base dir: one <stage>.json per stage run, and report.md."""
+    path = os.path.join(get_base_dir(), "report")
+    os.makedirs(path, exist_ok=True)
+    return path
+
+
 def write_report_json(stage, data):
     """Every stage ends by writing report/<stage>.json under the base dir (rank 0 only); report.md is
     assembled from these files alone. Adds timestamp, git commit and the command line."""
     if not is_master():
         return None
-    path = os.path.join(get_base_dir(), "report", f"{stage}.json")
-    os.makedirs(os.path.dirname(path), exist_ok=True)
+    path = os.path.join(report_dir(), f"{stage}.json")
     payload = {"stage": stage, "timestamp": datetime.datetime.now().isoformat(timespec="seconds"),
                "git": git_info(), "command": " ".join(sys.argv), **data}
     atomic_write_json(path, payload)

@@ -18,8 +18,9 @@ import os
 import time
 import argparse
 
-from nanochat.common import compute_init, compute_cleanup, print0, get_base_dir, write_report_json
-from nanochat.checkpoint import load_model, resolve_checkpoint, CheckpointError
+from nanochat.common import compute_init, compute_cleanup, print0, get_base_dir, write_report_json, run_cli, UserError
+from nanochat.checkpoint import load_model, resolve_checkpoint
+from nanochat.training import print_samples
 from nanochat.engine import prepare_for_inference
 from nanochat import core_eval
 
@@ -86,7 +87,7 @@ def run_core(model, tokenizer, rt, args, bundle_dir):
         wanted = [t.strip() for t in args.tasks.split(",") if t.strip()]
         unknown = [w for w in wanted if w not in {t.label for t in tasks}]
         if unknown:
-            raise SystemExit(f"--tasks: unknown task(s) {unknown}; core.yaml has {', '.join(t.label for t in tasks)}")
+            raise UserError(f"--tasks: unknown task(s) {unknown}; core.yaml has {', '.join(t.label for t in tasks)}")
         tasks = [t for t in tasks if t.label in wanted]
     no_data = [t.label for t in tasks if t.path is None]
     if no_data:
@@ -108,7 +109,7 @@ def run_bpb(model, tokenizer, rt, args):
         args.split_tokens = GPU_SPLIT_TOKENS if rt.device_type == "cuda" else CPU_SPLIT_TOKENS
     steps = args.split_tokens // (B * T * rt.world_size)
     if steps < 1:
-        raise SystemExit(f"--split-tokens {args.split_tokens} is less than one batch ({B} x {T} x {rt.world_size} "
+        raise UserError(f"--split-tokens {args.split_tokens} is less than one batch ({B} x {T} x {rt.world_size} "
                          f"rank(s) = {B * T * rt.world_size} tokens): raise it or lower --device-batch-size")
     token_bytes = tokenizer.token_bytes().to(rt.device)
     out = {"bpb_tokens_per_split": steps * B * T * rt.world_size}
@@ -121,13 +122,8 @@ def run_bpb(model, tokenizer, rt, args):
 
 def run_samples(model, tokenizer, args):
     """Greedy completions of the standard prompts and a few unconditioned samples (rank 0 only)."""
-    from scripts.base_train import SAMPLE_PROMPTS
+    samples = print_samples(model, tokenizer)
     bos = tokenizer.get_bos_token_id()
-    samples = []
-    for prompt in SAMPLE_PROMPTS:
-        out = list(model.generate(tokenizer.encode(prompt, prepend=bos), max_tokens=16, temperature=0))
-        samples.append(prompt + tokenizer.decode(out))
-        print0(f"  {samples[-1]!r}")
     unconditioned = []
     for k in range(args.num_unconditioned):
         out = list(model.generate([bos], max_tokens=128, temperature=1.0, seed=42 + k))
@@ -143,13 +139,10 @@ def main(argv=None):
     bundle_dir = None
     if "core" in args.evals:
         bundle_dir = core_eval.ensure_bundle(args.bundle_dir)  # before any eval: one process per machine fetches
-    try:
-        ckpt_dir, step = resolve_checkpoint("base", args.model_tag, args.step)
-        model_tag = os.path.basename(ckpt_dir)
-        model, tokenizer, meta = load_model("base", rt.device, phase="eval", model_tag=model_tag, step=step,
-                                            compute_dtype=rt.dtype)
-    except CheckpointError as e:
-        raise SystemExit(str(e))
+    ckpt_dir, step = resolve_checkpoint("base", args.model_tag, args.step)
+    model_tag = os.path.basename(ckpt_dir)
+    model, tokenizer, meta = load_model("base", rt.device, phase="eval", model_tag=model_tag, step=step,
+                                        compute_dtype=rt.dtype)
     prepare_for_inference(model)  # weights in the compute dtype once, rather than cast on every forward
     print0(f"Compute dtype {str(rt.dtype).removeprefix('torch.')} ({rt.dtype_reason}); {rt.world_size} rank(s)")
     report = {"model_tag": model_tag, "step": step, "device": rt.device_type,
@@ -180,4 +173,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -19,15 +19,14 @@ import time
 
 import torch
 
-from nanochat.common import compute_init, parse_dtype, run_cli, UserError
+from nanochat.common import compute_init, parse_dtype, run_cli, UserError, PeakRSS
 from nanochat.engine import Engine, KVCache, prepare_for_inference, last_logits
-from scripts.bench_train import PeakRSS
 
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("model: a checkpoint")
-    g.add_argument("-i", "--source", default="base", help="checkpoint stage (base, mid, sft, rl) or a path load_model accepts (default base)")
+    g.add_argument("-i", "--source", default="base", help="checkpoint stage (base, mid, sft, rl) or the path of an HF export folder (default base)")
     g.add_argument("-g", "--model-tag", default=None, help="checkpoint tag (default: the only one there)")
     g.add_argument("-s", "--step", type=int, default=None, help="checkpoint step (default: the latest)")
     g = p.add_argument_group("model: or an untrained one of a given size")
@@ -77,17 +76,17 @@ class _NoTokenizer:
 def load(args, rt):
     dtype = rt.dtype if args.dtype == "auto" else args.dtype
     if args.random_init:
-        from scripts.base_train import get_args as train_args, model_config
+        from nanochat.scaling import model_config
         from nanochat.gpt import build_model
-        targs = train_args([f"--depth={args.depth}", f"--max-seq-len={args.max_seq_len}"])
-        config = model_config(targs, args.vocab_size)
+        config = model_config(args.depth, args.vocab_size, max_seq_len=args.max_seq_len)
         torch.manual_seed(0)
         model = build_model(config, rt.device, dtype)
         return model, _NoTokenizer(args.vocab_size), f"random-init d{args.depth}"
-    from nanochat.checkpoint import load_model, CheckpointError
+    from nanochat.hf_convert import load_any
+    from nanochat.checkpoint import CheckpointError
     try:
-        model, tokenizer, meta = load_model(args.source, rt.device, phase="eval", model_tag=args.model_tag,
-                                            step=args.step, compute_dtype=dtype)
+        model, tokenizer, meta = load_any(args.source, rt.device, phase="eval", model_tag=args.model_tag,
+                                          step=args.step, compute_dtype=dtype)
     except CheckpointError as e:
         raise UserError(f"{e} (or benchmark an untrained model with --random-init)") from None
     return model, tokenizer, f"{args.source} step {meta.get('step')}"

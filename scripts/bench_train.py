@@ -9,28 +9,24 @@ MuonAdamW) on random tokens, timed after warm-up (and compilation). Prints one J
 The data loader is not included (base_train's logged tok/s includes it).
 """
 
-import os
 import json
 import time
-import shutil
 import argparse
-import threading
 
 import torch
 
-from nanochat.common import compute_init, get_peak_flops, parse_dtype, autodetect_dtype, run_cli
-from nanochat.gpt import GPTConfig, build_model
+from nanochat.common import compute_init, get_peak_flops, parse_dtype, autodetect_dtype, run_cli, PeakRSS
+from nanochat.gpt import build_model
+from nanochat.attention import fa3_available
+from nanochat.scaling import add_model_flags, config_from_args
+from nanochat.training import use_compile
 
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--depth", type=int, default=6, help="layers (width = 64 * depth, like base_train)")
-    p.add_argument("--aspect-ratio", type=int, default=64, help="width = depth * aspect ratio, rounded to the head dim")
-    p.add_argument("--head-dim", type=int, default=128, help="attention head size")
-    p.add_argument("--max-seq-len", type=int, default=512, help="sequence length")
+    add_model_flags(p, depth=6, seq_len=512)
     p.add_argument("--device-batch-size", type=int, default=32, help="rows per step")
     p.add_argument("--vocab-size", type=int, default=32768, help="vocabulary size")
-    p.add_argument("--window-pattern", type=str, default="L", help="attention window pattern")
     p.add_argument("--steps", type=int, default=5, help="timed steps per run (the best is reported with the mean)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first (compilation happens here)")
     p.add_argument("--dtype", type=str, default="auto", help="compute dtype: auto, bfloat16 or float32")
@@ -40,35 +36,9 @@ def get_args(argv=None):
     return p.parse_args(argv)
 
 
-class PeakRSS:
-    """Samples this process's resident memory in a thread (ru_maxrss never goes down between runs)."""
-
-    def __init__(self, interval=0.02):
-        import psutil
-        self.proc, self.interval, self.peak, self._stop = psutil.Process(), interval, 0, threading.Event()
-
-    def __enter__(self):
-        self.peak = self.proc.memory_info().rss
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
-        return self
-
-    def _run(self):
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self.proc.memory_info().rss)
-            time.sleep(self.interval)
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self.thread.join()
-
-
 def bench(args, rt, dtype, use_compile):
-    import math
-    width = math.ceil(args.depth * args.aspect_ratio / args.head_dim) * args.head_dim
-    config = GPTConfig(sequence_len=args.max_seq_len, vocab_size=args.vocab_size, n_layer=args.depth,
-                       n_head=width // args.head_dim, n_kv_head=width // args.head_dim, n_embd=width,
-                       window_pattern=args.window_pattern)
+    config = config_from_args(args, args.vocab_size, fa3=fa3_available(rt.device_type))
+    width = config.n_embd
     torch.manual_seed(0)
     model = build_model(config, rt.device, dtype)
     optimizer = model.setup_optimizer()
@@ -117,15 +87,14 @@ def bench(args, rt, dtype, use_compile):
 def main(argv=None):
     args = get_args(argv)
     rt = compute_init(args.device_type)
-    use_compile = args.compile == "on" or (args.compile == "auto" and (
-        rt.device_type == "cuda" or (rt.device_type == "cpu" and shutil.which(os.environ.get("CXX", "g++")))))
+    compiled = use_compile(args.compile, rt.device_type)
     if args.compare_dtypes:
         dtypes = [torch.bfloat16, torch.float32]
     else:
         dtypes = [autodetect_dtype(rt.device_type)[0] if args.dtype == "auto" else parse_dtype(args.dtype)]
     results = []
     for dtype in dtypes:
-        r = bench(args, rt, dtype, use_compile)
+        r = bench(args, rt, dtype, compiled)
         results.append(r)
         print(json.dumps(r), flush=True)
     if args.compare_dtypes:

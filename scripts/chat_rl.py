@@ -17,36 +17,27 @@ its gradient is the policy gradient. On-policy (one update per batch of samples)
 ratio clipping. LR decays linearly to 0. pass@1 (greedy, one reply) on held-out problems is measured
 before training, every --eval-every steps and at the end.
 
-Learning rates default to the starting checkpoint's effective ones (its raw LRs x its sqrt(B/2^19)
-batch scale) x --init-lr-frac. Writes chatrl_checkpoints/<tag>/ and report/chat_rl.json.
+The LR flags mean what they mean in every stage, the LR at a 2^19-token batch; they default to the
+starting checkpoint's, and train at its batch scale (scaling.batch_lr_scale) x --init-lr-frac.
+Writes chatrl_checkpoints/<tag>/ and report/chat_rl.json.
 """
 
-import os
 import time
 import argparse
 
 import torch
-import torch.distributed as dist
 
-from nanochat.common import (compute_init, compute_cleanup, print0, init_wandb, write_report_json, git_info, run_cli,
-                             GracefulStop)
-from nanochat.gpt import GPTConfig, build_model
-from nanochat.checkpoint import (save_checkpoint, load_checkpoint, resolve_checkpoint, check_tokenizer, stage_dir,
-                                 CheckpointError)
+from nanochat.common import compute_init, print0, init_wandb, run_cli, UserError
 from nanochat.chat_data import rows_to_batch
-from scripts.base_train import B_REF, batch_lr_scale
-
-RUN_CONTROL = ("resume", "max_steps_this_run", "save_every", "keep_checkpoints", "eval_every", "device_type", "run")
+from nanochat.scaling import B_REF, add_lr_flags, batch_lr_scale, scaled_lrs, inherit_lrs
+from nanochat.training import (add_run_flags, add_start_flags, start_finetune, load_optimizer_state, set_schedule,
+                               all_reduce_sum, save, run_loop, eval_due, finish, close)
 
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("starting point")
-    g.add_argument("--source", choices=["sft", "mid", "base"], default="sft", help="stage of the checkpoint to start from (default sft)")
-    g.add_argument("--model-tag", type=str, default=None, help="tag of the starting checkpoint (required when several exist); also names the output unless --output-tag")
-    g.add_argument("--model-step", type=int, default=None, help="step of the starting checkpoint (default: its latest)")
-    g.add_argument("--output-tag", type=str, default=None, help="checkpoint directory name for this run (default: the starting checkpoint's tag)")
-    g.add_argument("--resume", action="store_true", help="continue exactly from the latest RL checkpoint of the tag (all other settings come from it)")
+    add_start_flags(g, ["sft", "mid", "base"], "continue exactly from the latest RL checkpoint of the tag (all other settings come from it)")
     g = p.add_argument_group("problems and sampling")
     g.add_argument("--task", choices=["gsm8k", "spellingbee"], default="gsm8k", help="train on GSM8K train and evaluate on GSM8K test, or on SpellingBee letter counting (train words / held-out test words)")
     g.add_argument("--spelling-size", type=int, default=20000, help="[spellingbee] number of training problems")
@@ -59,21 +50,14 @@ def get_args(argv=None):
     g.add_argument("--top-k", type=int, default=50, help="rollouts sample among the k most likely tokens (0 = all)")
     g = p.add_argument_group("optimization")
     g.add_argument("--device-batch-size", type=int, default=8, help="sequences per forward/backward pass")
-    g.add_argument("--embedding-lr", type=float, default=None, help="AdamW LR of the embeddings before --init-lr-frac (default: the starting checkpoint's effective LR)")
-    g.add_argument("--unembedding-lr", type=float, default=None, help="AdamW LR of lm_head (same default)")
-    g.add_argument("--matrix-lr", type=float, default=None, help="Muon LR of the block matrices (same default)")
-    g.add_argument("--scalar-lr", type=float, default=None, help="AdamW LR of the residual scalars (same default)")
+    add_lr_flags(g, default=False, note="the starting checkpoint's; scaled by its batch's sqrt(B / 2^19), at least 0.5")
     g.add_argument("--init-lr-frac", type=float, default=0.05, help="every LR is multiplied by this (default 0.05)")
     g.add_argument("--weight-decay", type=float, default=0.0, help="Muon weight decay (default 0)")
     g.add_argument("--seed", type=int, default=42, help="seed of the rollouts (each problem's samples get their own seed from it)")
     g = p.add_argument_group("evaluation, checkpoints, logging")
     g.add_argument("--eval-every", type=int, default=60, help="steps between pass@1 evaluations (-1 = only before and after)")
     g.add_argument("--eval-examples", type=int, default=400, help="held-out problems in each pass@1 evaluation")
-    g.add_argument("--save-every", type=int, default=60, help="steps between checkpoints (-1 = only at the end)")
-    g.add_argument("--keep-checkpoints", type=int, default=2, help="keep this many most recent checkpoints (0 = all)")
-    g.add_argument("--max-steps-this-run", type=int, default=-1, help="stop (with a checkpoint) after this many steps in this invocation")
-    g.add_argument("--run", type=str, default="dummy", help="wandb run name; 'dummy' (default) disables wandb")
-    g.add_argument("--device-type", type=str, default="", help="cuda, mps or cpu (default: autodetect)")
+    add_run_flags(g, save_every=60, compile_flag=False)
     args = p.parse_args(argv)
     for k in ("examples_per_step", "num_samples", "max_new_tokens", "device_batch_size", "eval_examples", "num_epochs"):
         if getattr(args, k) < 1:
@@ -92,7 +76,7 @@ def make_tasks(args):
         return (SpellingBee(args.spelling_size, "train", count_fraction=1.0),
                 SpellingBee(args.eval_examples, "test", count_fraction=1.0))
     except DataUnavailableError as e:
-        raise SystemExit(f"cannot load the {args.task} problems: {e}")
+        raise UserError(f"cannot load the {args.task} problems: {e}") from None
 
 
 def rollout(engine, tokenizer, prompt, args, seed):
@@ -139,64 +123,38 @@ def problem_seed(base, step, index):
 def main(argv=None):
     from nanochat.tokenizer import get_tokenizer
     from nanochat.engine import Engine
-    from scripts.chat_eval import run_generative
+    from nanochat.task_eval import run_generative
     args = get_args(argv)
     rt = compute_init(args.device_type, seed=args.seed)
-    master = rt.master
+    t_start = time.time()
     print0(f"Device: {rt.device} x {rt.world_size} rank(s); compute dtype {str(rt.dtype).removeprefix('torch.')} ({rt.dtype_reason})")
     tokenizer = get_tokenizer()
-    try:
-        if args.resume:
-            ckpt_dir, ckpt_step = resolve_checkpoint("rl", args.output_tag or args.model_tag)
-            state, meta, optim_shards, _ = load_checkpoint(ckpt_dir, ckpt_step, load_optimizer=True)
-            if optim_shards is None:
-                raise SystemExit(f"--resume: {ckpt_dir} step {ckpt_step} has no optimizer state")
-            # the saved settings; flags newer than the checkpoint keep their defaults
-            args = argparse.Namespace(**{**vars(args), **meta["train_args"], **{k: getattr(args, k) for k in RUN_CONTROL}})
-            parent = meta["parent"]
-            where = f"our own checkpoint {ckpt_dir} step {ckpt_step}"
-        else:
-            pdir, pstep = resolve_checkpoint(args.source, args.model_tag, args.model_step)
-            state, meta, optim_shards, _ = load_checkpoint(pdir, pstep)
-            parent = {"source": args.source, "tag": os.path.basename(pdir), "step": pstep, "dir": pdir}
-            pargs = meta.get("train_args", {})
-            scale = batch_lr_scale(meta.get("total_batch_size") or B_REF)
-            defaults = {"embedding_lr": 0.3, "unembedding_lr": 0.008, "matrix_lr": 0.02, "scalar_lr": 0.5}
-            for k, v in defaults.items():
-                if getattr(args, k) is None:
-                    setattr(args, k, (pargs.get(k) or v) * scale)
-            args.output_tag = args.output_tag or parent["tag"]
-            ckpt_dir = os.path.join(stage_dir("rl"), args.output_tag)
-            where = f"{args.source} checkpoint {pdir} step {pstep}"
-        check_tokenizer(meta, tokenizer, where)
-    except CheckpointError as e:
-        raise SystemExit(str(e))
     if args.examples_per_step % rt.world_size:
-        raise SystemExit(f"--examples-per-step {args.examples_per_step} must be a multiple of the world size {rt.world_size}")
-    config = GPTConfig(**meta["model_config"])
-    model = build_model(config, rt.device, rt.dtype)
-    model.load_state_dict({k.removeprefix("_orig_mod."): v.float() for k, v in state.items()})
-    del state
-    print0(f"Starting from {where}; writing to {ckpt_dir}")
-    f = args.init_lr_frac
-    optimizer = model.setup_optimizer(unembedding_lr=args.unembedding_lr * f, embedding_lr=args.embedding_lr * f,
-                                      matrix_lr=args.matrix_lr * f, scalar_lr=args.scalar_lr * f,
-                                      weight_decay=args.weight_decay, rank=rt.rank, world_size=rt.world_size)
-    if optim_shards is not None:
-        optimizer.load_shard_state_dicts(optim_shards)
-    del optim_shards
-    def current_engine():
-        # A fresh Engine whenever the weights may have changed: an Engine keeps an inference copy of the
-        # weights (in the compute dtype) and detects updates by tensor versions, which the optimizer's
-        # in-place writes through .data do not bump, so a long-lived one would sample stale weights.
-        return Engine(model, tokenizer)
+        raise UserError(f"--examples-per-step {args.examples_per_step} must be a multiple of the world size {rt.world_size}")
+    start = start_finetune("rl", args, tokenizer, rt, need_loader=False)
+    args, model, meta, parent, ckpt_dir = start.args, start.model, start.meta, start.parent, start.ckpt_dir
+    config = model.config
+    if not args.resume:  # LRs at the reference batch, trained at the starting checkpoint's batch scale
+        inherit_lrs(args, meta)
+        args.lr_scale = batch_lr_scale(meta.get("total_batch_size") or B_REF)
+    # RL checkpoints written before the LR flags meant the same in every stage saved effective LRs
+    args.lr_scale = getattr(args, "lr_scale", 1.0)
+    f = args.init_lr_frac * args.lr_scale
+    optimizer = model.setup_optimizer(**scaled_lrs(vars(args), f), weight_decay=args.weight_decay, rank=rt.rank,
+                                      world_size=rt.world_size)
+    load_optimizer_state(optimizer, start.optim_shards, start.where)
+    del start
+    # One Engine for the whole run: it keeps an inference copy of the weights (in the compute dtype) and
+    # the optimizer writes the masters in place, so each step's rollouts first refresh that copy.
+    engine = Engine(model, tokenizer)
 
     train_task, eval_task = make_tasks(args)
     E = args.examples_per_step
     N = args.num_iterations if args.num_iterations > 0 else max(1, args.num_epochs * len(train_task) // E)
     print0(f"Task {args.task}: {len(train_task):,} training problems, {len(eval_task)} held-out; {N} steps of {E} "
            f"problems x {args.num_samples} samples, up to {args.max_new_tokens} new tokens each")
-    print0(f"LRs (x{f} init frac): embedding {args.embedding_lr:.4g}, unembedding {args.unembedding_lr:.4g}, "
+    print0(f"LRs at 2^19-token batches (x{args.lr_scale:.4f} the starting checkpoint's batch scale x{args.init_lr_frac} "
+           f"init frac): embedding {args.embedding_lr:.4g}, unembedding {args.unembedding_lr:.4g}, "
            f"matrix {args.matrix_lr:.4g}, scalar {args.scalar_lr:.4g}")
     wandb = init_wandb(args.run, "nanochat-rl", vars(args))
     loop = meta["loop_state"] if args.resume else {"step": 0, "rewards": [], "losses": [], "seq_lens": [],
@@ -205,118 +163,88 @@ def main(argv=None):
     eval_args = argparse.Namespace(num_samples=1, max_new_tokens=args.max_new_tokens, temperature=0.0, top_k=None,
                                    seed=args.seed)
 
-    def evaluate(step):
+    def evaluate(step, last):
+        if not eval_due(loop["pass1_history"], step, last, args.eval_every):
+            return
         model.eval()
-        passed, total = run_generative(eval_task, current_engine(), tokenizer, rt, eval_args, len(eval_task), progress=False)[:2]
+        engine.refresh_weights()
+        passed, total = run_generative(eval_task, engine, tokenizer, rt, eval_args, len(eval_task), progress=False)[:2]
         model.train()
         acc = passed / max(1, total)
         loop["pass1_history"].append([step, acc])
         print0(f"Step {step:05d} | pass@1 (greedy) {passed}/{total} = {100 * acc:.2f}% on held-out {args.task}")
         wandb.log({"step": step, "eval/pass@1": acc})
-        return acc
 
-    def checkpoint(step):
-        m = {"stage": "rl", "model_config": config.to_dict(), "train_args": vars(args), "parent": parent,
-             "tokenizer_fingerprint": tokenizer.fingerprint, "num_iterations": N, "dtype": str(rt.dtype),
-             "git": git_info(), "loop_state": {**loop, "step": step}}
-        save_checkpoint(ckpt_dir, step, m, model_state=model.state_dict() if master else None,
-                        optim_state=optimizer.shard_state_dict(), rank=rt.rank, world_size=rt.world_size,
-                        keep_last=args.keep_checkpoints or None)
-        print0(f"Saved checkpoint {ckpt_dir} step {step}")
+    def save_step(step):
+        save(ckpt_dir, step, {"stage": "rl", "parent": parent, "num_iterations": N}, model, optimizer, rt, tokenizer,
+             loop, args)
 
-    stop = GracefulStop().install()  # Ctrl-C / SIGTERM: finish the step, save, exit 130
-    step, steps_this_run = loop["step"], 0
-    t_start = time.time()
+    def train_step(step, steps_this_run):
+        t0 = time.time()
+        # Rollouts with the current weights (on-policy).
+        model.eval()
+        engine.refresh_weights()
+        rows, advantages, rewards = [], [], []
+        for k in range(rt.rank, E, rt.world_size):
+            index = (step * E + k) % len(train_task)
+            conversation = train_task[index]
+            prompt = tokenizer.render_for_completion(conversation)
+            if len(prompt) >= config.sequence_len:  # no room for a reply: nothing to learn from it
+                loop["too_long"] += 1
+                continue
+            samples, texts = rollout(engine, tokenizer, prompt, args, problem_seed(args.seed, step, index))
+            r = [train_task.reward(conversation, t) for t in texts]
+            mean = sum(r) / len(r)
+            rows += samples
+            advantages += [x - mean for x in r]
+            rewards += r
+        model.train()
+        sampled = [sum(m[1:]) for _, m in rows]  # targets that carry loss: sampled tokens only
+        counts = all_reduce_sum(torch.tensor([sum(sampled), sum(a != 0 for a in advantages), sum(rewards), len(rewards)],
+                                             dtype=torch.float64, device=rt.device), rt)
+        n_tokens, n_informative = counts[0].item(), counts[1].item()
+        lrm = 1.0 - step / N  # linear from 1 towards 0 over the run
+        set_schedule(optimizer, lrm)
+        loss_sum = policy_gradient_backward(model, rows, advantages, rt.world_size / max(n_tokens, 1.0),
+                                            args.device_batch_size, tokenizer.encode_special("<|assistant_end|>"),
+                                            rt.device)
+        if rt.ddp:  # a rank whose every prompt was too long still joins the gradient reduction
+            for p in model.parameters():
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+        if n_informative > 0:
+            optimizer.step()
+        else:  # every group's samples agreed: zero gradient, don't let momentum move the weights
+            loop["skipped_steps"] += 1
+        model.zero_grad(set_to_none=True)
+        if rt.ddp:
+            loss_sum = all_reduce_sum(torch.tensor([loss_sum], dtype=torch.float64, device=rt.device), rt).item() / rt.world_size
+        dt = time.time() - t0
+        loop["total_training_time"] += dt
+        replies = max(1.0, counts[3].item())
+        mean_reward = counts[2].item() / replies
+        loop["rewards"].append(mean_reward)
+        loop["losses"].append(loss_sum)
+        loop["seq_lens"].append(n_tokens / replies)
+        print0(f"step {step + 1:05d}/{N:05d} | reward {mean_reward:.3f} | sampled tokens/reply {n_tokens / replies:.1f} | "
+               f"informative samples {int(n_informative)}/{int(counts[3].item())} | lrm {lrm:.3f} | dt {dt:.1f}s")
+        wandb.log({"step": step + 1, "train/reward": mean_reward, "train/lrm": lrm, "train/loss": loss_sum})
+
     model.train()
-    try:
-        while True:
-            stop.check()
-            last = step >= N
-            stop_early = args.max_steps_this_run > 0 and steps_this_run >= args.max_steps_this_run
-            if steps_this_run > 0 and (last or stop_early or (args.save_every > 0 and step % args.save_every == 0)):
-                checkpoint(step)
-            evaluated = loop["pass1_history"] and loop["pass1_history"][-1][0] == step
-            if not evaluated and (last or step == 0 or (args.eval_every > 0 and step % args.eval_every == 0)):
-                evaluate(step)
-            if last or stop_early:
-                break
-            t0 = time.time()
-            # Rollouts with the current weights (on-policy).
-            model.eval()
-            engine = current_engine()
-            rows, advantages, rewards = [], [], []
-            for k in range(rt.rank, E, rt.world_size):
-                index = (step * E + k) % len(train_task)
-                conversation = train_task[index]
-                prompt = tokenizer.render_for_completion(conversation)
-                if len(prompt) >= config.sequence_len:  # no room for a reply: nothing to learn from it
-                    loop["too_long"] += 1
-                    continue
-                samples, texts = rollout(engine, tokenizer, prompt, args, problem_seed(args.seed, step, index))
-                r = [train_task.reward(conversation, t) for t in texts]
-                mean = sum(r) / len(r)
-                rows += samples
-                advantages += [x - mean for x in r]
-                rewards += r
-            model.train()
-            sampled = [sum(m[1:]) for _, m in rows]  # targets that carry loss: sampled tokens only
-            counts = torch.tensor([sum(sampled), sum(a != 0 for a in advantages), sum(rewards), len(rewards)],
-                                  dtype=torch.float64, device=rt.device)
-            if rt.ddp:
-                dist.all_reduce(counts)
-            n_tokens, n_informative = counts[0].item(), counts[1].item()
-            lrm = 1.0 - step / N  # linear from 1 towards 0 over the run
-            for group in optimizer.param_groups:
-                group["lr"] = group["initial_lr"] * lrm
-            loss_sum = policy_gradient_backward(model, rows, advantages, rt.world_size / max(n_tokens, 1.0),
-                                                args.device_batch_size, tokenizer.encode_special("<|assistant_end|>"),
-                                                rt.device)
-            if rt.ddp:  # a rank whose every prompt was too long still joins the gradient reduction
-                for p in model.parameters():
-                    if p.grad is None:
-                        p.grad = torch.zeros_like(p)
-            if n_informative > 0:
-                optimizer.step()
-            else:  # every group's samples agreed: zero gradient, don't let momentum move the weights
-                loop["skipped_steps"] += 1
-            model.zero_grad(set_to_none=True)
-            if rt.ddp:
-                t = torch.tensor([loss_sum], dtype=torch.float64, device=rt.device)
-                dist.all_reduce(t)
-                loss_sum = t.item() / rt.world_size
-            dt = time.time() - t0
-            step += 1
-            steps_this_run += 1
-            loop["total_training_time"] += dt
-            replies = max(1.0, counts[3].item())
-            mean_reward = counts[2].item() / replies
-            loop["rewards"].append(mean_reward)
-            loop["losses"].append(loss_sum)
-            loop["seq_lens"].append(n_tokens / replies)
-            print0(f"step {step:05d}/{N:05d} | reward {mean_reward:.3f} | sampled tokens/reply {n_tokens / replies:.1f} | "
-                   f"informative samples {int(n_informative)}/{int(counts[3].item())} | lrm {lrm:.3f} | dt {dt:.1f}s")
-            wandb.log({"step": step, "train/reward": mean_reward, "train/lrm": lrm, "train/loss": loss_sum})
-    except KeyboardInterrupt as e:
-        stop.exit(e, rt, step, steps_this_run, lambda: checkpoint(step))
-    finally:
-        stop.restore()
-
-    if last:
-        hist = loop["pass1_history"]
-        report = {
-            "stage": "rl", "model_tag": args.output_tag, "parent": parent, "model_config": config.to_dict(),
-            "task": args.task, "step": step, "num_iterations": N, "world_size": rt.world_size,
-            "pass1_before": hist[0][1] if hist else None, "pass1_after": hist[-1][1] if hist else None,
-            "eval_examples": len(eval_task), "pass1_history": hist, "rewards": loop["rewards"],
-            "mean_sampled_tokens": loop["seq_lens"], "losses": loop["losses"], "skipped_steps": loop["skipped_steps"],
-            "too_long_prompts": loop["too_long"],
-            "total_training_time": loop["total_training_time"], "wall_time": time.time() - t_start,
-            "dtype": str(rt.dtype).removeprefix("torch."), "device": rt.device_type, "args": vars(args),
-        }
-        path = write_report_json("chat_rl", report)
-        print0(f"Done: pass@1 {report['pass1_before']:.4f} -> {report['pass1_after']:.4f}. Report: {path}")
-    wandb.finish()
-    compute_cleanup()
+    step, last = run_loop(rt, args, loop["step"], lambda s: s >= N, train_step, save_step, evaluate)
+    if not last:
+        return close(wandb)
+    hist = loop["pass1_history"]
+    report = {
+        "stage": "rl", "model_tag": args.output_tag, "parent": parent, "model_config": config.to_dict(),
+        "task": args.task, "step": step, "num_iterations": N,
+        "pass1_before": hist[0][1] if hist else None, "pass1_after": hist[-1][1] if hist else None,
+        "eval_examples": len(eval_task), "pass1_history": hist, "rewards": loop["rewards"],
+        "mean_sampled_tokens": loop["seq_lens"], "losses": loop["losses"], "skipped_steps": loop["skipped_steps"],
+        "too_long_prompts": loop["too_long"], "total_training_time": loop["total_training_time"],
+    }
+    path = finish("chat_rl", report, rt, t_start, False, args, wandb)
+    print0(f"Done: pass@1 {report['pass1_before']:.4f} -> {report['pass1_after']:.4f}. Report: {path}")
 
 
 if __name__ == "__main__":

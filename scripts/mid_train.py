@@ -18,11 +18,11 @@ Sequence length, batch sizes and learning rates default to the base checkpoint's
 the run, then linear to 0.
 
 Writes mid_checkpoints/<tag>/ and report/mid_train.json. The training loop is shared with SFT and
-lives in scripts/chat_sft.py.
+lives in nanochat/finetune.py.
 """
 
 from nanochat.common import run_cli
-from scripts.chat_sft import run
+from nanochat.finetune import run
 
 
 def main(argv=None):

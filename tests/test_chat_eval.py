@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from scripts import chat_eval
+from nanochat import task_eval
 
 
 @pytest.fixture
@@ -44,7 +45,7 @@ def test_categorical_matches_independent_forward(tiny_base, local_data):
             answer = conv["letters"][max(range(len(letter_ids)), key=lambda k: logits[letter_ids[k]].item())]
             expected += answer == conv["messages"][-1]["content"]
     # batch size 3: padded batches, and a final partial one
-    passed, total = chat_eval.run_categorical(task, model, tokenizer, _rt(), 3, n, progress=False)
+    passed, total = task_eval.run_categorical(task, model, tokenizer, _rt(), 3, n, progress=False)
     assert (passed, total) == (expected, n)
 
 
@@ -53,8 +54,8 @@ def test_problems_are_sharded_across_ranks(tiny_base, local_data):
     from tasks.mmlu import MMLU
     task = MMLU("all", "test")
     n = 9
-    full = chat_eval.run_categorical(task, model, tokenizer, _rt(), 4, n, progress=False)
-    parts = [chat_eval.run_categorical(task, model, tokenizer, _rt(r, 2), 4, n, progress=False) for r in range(2)]
+    full = task_eval.run_categorical(task, model, tokenizer, _rt(), 4, n, progress=False)
+    parts = [task_eval.run_categorical(task, model, tokenizer, _rt(r, 2), 4, n, progress=False) for r in range(2)]
     assert parts[0][1] == 5 and parts[1][1] == 4  # strided: ranks see 0,2,4,6,8 and 1,3,5,7
     assert sum(p[0] for p in parts) == full[0] and sum(p[1] for p in parts) == full[1] == n
 
@@ -86,16 +87,16 @@ def test_generative_grading_with_scripted_replies(tiny_base, local_data):
         convs = [task[i] for i in range(3)]
         prompts = [tuple(tokenizer.render_for_completion(c)) for c in convs]
         good = ScriptedEngine(model, tokenizer, {p: right(c) for p, c in zip(prompts, convs)})
-        assert chat_eval.run_generative(task, good, tokenizer, _rt(), args, 3, progress=False) == (3, 3, 0)
+        assert task_eval.run_generative(task, good, tokenizer, _rt(), args, 3, progress=False) == (3, 3, 0)
         assert good.calls[0] == {"max_tokens": 64, "temperature": 0.0, "top_k": 50, "seed": 42}
         bad = ScriptedEngine(model, tokenizer, {p: "#### 123456789\ndef nothing(): pass" for p in prompts})
-        assert chat_eval.run_generative(task, bad, tokenizer, _rt(), args, 3, progress=False) == (0, 3, 0)
+        assert task_eval.run_generative(task, bad, tokenizer, _rt(), args, 3, progress=False) == (0, 3, 0)
 
 
 def test_completion_stops_at_terminal_tokens(tiny_base):
     _, tokenizer = _model(tiny_base)
     ids = tokenizer.encode("#### 42") + [tokenizer.encode_special("<|assistant_end|>")] + tokenizer.encode(" junk")
-    assert chat_eval.completion_text(tokenizer, ids) == "#### 42"
+    assert task_eval.completion_text(tokenizer, ids) == "#### 42"
 
 
 def test_chat_eval_end_to_end_merges_runs_into_chatcore(tiny_base, local_data):
@@ -111,7 +112,7 @@ def test_chat_eval_end_to_end_merges_runs_into_chatcore(tiny_base, local_data):
                              "--device-type=cpu", "--no-progress"])
     saved = json.loads((tiny_base / "report" / "chat_eval_base.json").read_text())
     assert saved["evaluated_now"] == ["GSM8K", "HumanEval", "SpellingBee"]
-    assert set(saved["results"]) == set(chat_eval.TASKS)
+    assert set(saved["results"]) == set(task_eval.TASKS)
     assert saved["results"]["MMLU"] == first["results"]["MMLU"]
     for name in ("GSM8K", "HumanEval", "SpellingBee"):
         r = saved["results"][name]
@@ -123,10 +124,10 @@ def test_chat_eval_end_to_end_merges_runs_into_chatcore(tiny_base, local_data):
 
 
 def test_chatcore_needs_every_task():
-    results = {name: {"centered": 0.1 * k} for k, name in enumerate(chat_eval.TASKS)}
-    assert chat_eval.chatcore(results) == pytest.approx(sum(0.1 * k for k in range(6)) / 6)
+    results = {name: {"centered": 0.1 * k} for k, name in enumerate(task_eval.TASKS)}
+    assert task_eval.chatcore(results) == pytest.approx(sum(0.1 * k for k in range(6)) / 6)
     del results["MMLU"]
-    assert chat_eval.chatcore(results) is None
+    assert task_eval.chatcore(results) is None
 
 
 def test_bad_flags_are_rejected():
