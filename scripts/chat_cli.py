@@ -4,33 +4,38 @@ Chat with a trained model in the terminal, replies streamed token by token.
     python -m scripts.chat_cli                          # interactive, latest SFT checkpoint
     python -m scripts.chat_cli -p "Why is the sky blue?" # one question, one answer, exit
     python -m scripts.chat_cli --source base --model-tag d2 --temperature 0
+    python -m scripts.chat_cli --source path/to/hf_export
 
 Interactive commands: 'clear' starts a new conversation, 'quit' or 'exit' (or Ctrl-D / Ctrl-C) leaves.
-The conversation is kept as the project's conversation dict and rendered by the tokenizer's
-render_conversation (via engine.render_prompt), exactly as the model saw chats in training. When the
-model calls its python tool, the code and its output are shown on their own lines.
+The conversation is rendered by render_conversation (via engine.render_prompt), exactly as the model
+saw chats in training. When the model calls its python tool, the code and its output are shown on
+their own lines.
 """
 
 import argparse
 import sys
 
 from nanochat.common import compute_init, run_cli
-from nanochat.checkpoint import load_model
 from nanochat.engine import Engine, TextStream, render_prompt, reply_content, prepare_for_inference
+from nanochat.hf_convert import load_any
 
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-i", "--source", default="sft", help="which model: a checkpoint stage (base, mid, sft, rl) "
-                   "or a path that nanochat.checkpoint.load_model accepts (default sft)")
+                   "or the path of an HF export folder (default sft)")
     p.add_argument("-g", "--model-tag", default=None, help="checkpoint tag, e.g. d20 (default: the only tag there)")
     p.add_argument("-s", "--step", type=int, default=None, help="checkpoint step (default: the latest)")
     p.add_argument("-p", "--prompt", default="", help="ask this one question, print the reply and exit")
-    p.add_argument("-t", "--temperature", type=float, default=0.6, help="sampling temperature, 0 = greedy (default 0.6)")
-    p.add_argument("-k", "--top-k", type=int, default=50, help="sample among the k most likely tokens, 0 = all (default 50)")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: smallest set of tokens with this much probability, 1 = off (default 1)")
-    p.add_argument("-m", "--max-tokens", type=int, default=512, help="longest reply in tokens (default 512; the context length also caps it)")
-    p.add_argument("--seed", type=int, default=42, help="sampling seed of the first reply; reply n uses seed + n (default 42)")
+    p.add_argument("-t", "--temperature", type=float, default=0.6, help="0 = greedy (default 0.6)")
+    p.add_argument("-k", "--top-k", type=int, default=50, help="sample among the k most likely tokens, 0 = all "
+                                                               "(default 50)")
+    p.add_argument("--top-p", type=float, default=1.0,
+                   help="nucleus sampling: smallest set of tokens with this much probability, 1 = off (default 1)")
+    p.add_argument("-m", "--max-tokens", type=int, default=512,
+                   help="longest reply in tokens (default 512; the context length also caps it)")
+    p.add_argument("--seed", type=int, default=42,
+                   help="sampling seed of the first reply; reply n uses seed + n (default 42)")
     p.add_argument("--device-type", default="", help="cuda, mps or cpu (default: autodetect)")
     args = p.parse_args(argv)
     if args.temperature < 0:
@@ -58,10 +63,8 @@ class Printer:
             self.out.flush()
 
     def token(self, token):
-        if token in self.markers:
-            self.write(self.stream.flush() + self.markers[token])
-        else:
-            self.write(self.stream.add(token))
+        marker = self.markers.get(token)
+        self.write(self.stream.add(token) if marker is None else self.stream.flush() + marker)
 
     def end(self):
         self.write(self.stream.flush() + "\n")
@@ -88,16 +91,13 @@ def reply(engine, tokenizer, messages, args, seed):
         messages.pop()
         print(f"(that message is too long for the model's {context}-token context; try a shorter one)")
         return
-    stops = {engine.assistant_end, engine.bos}
-    printer = Printer(tokenizer)
-    ids = []
+    printer, ids = Printer(tokenizer), []
     for column, _ in engine.generate(prompt, max_tokens=args.max_tokens, temperature=args.temperature,
                                      top_k=args.top_k, top_p=args.top_p, seed=seed):
-        token = column[0]
-        if token in stops:
+        if column[0] in (engine.assistant_end, engine.bos):
             break
-        ids.append(token)
-        printer.token(token)
+        ids.append(column[0])
+        printer.token(column[0])
     printer.end()
     messages.append({"role": "assistant", "content": reply_content(tokenizer, ids)})
 
@@ -105,36 +105,25 @@ def reply(engine, tokenizer, messages, args, seed):
 def main(argv=None):
     args = get_args(argv)
     rt = compute_init(args.device_type)
-    model, tokenizer, _ = load_model(args.source, rt.device, phase="eval", model_tag=args.model_tag,
-                                     step=args.step, compute_dtype=rt.dtype)
+    model, tokenizer, _ = load_any(args.source, rt.device, model_tag=args.model_tag, step=args.step,
+                                   compute_dtype=rt.dtype)
     engine = Engine(prepare_for_inference(model), tokenizer)
-
     if args.prompt:
-        reply(engine, tokenizer, [{"role": "user", "content": args.prompt}], args, args.seed)
-        return
+        return reply(engine, tokenizer, [{"role": "user", "content": args.prompt}], args, args.seed)
 
     print("nanochat: type a message; 'clear' starts over, 'quit' or Ctrl-D leaves.")
     messages, turn = [], 0
     try:
-        while True:
-            try:
-                text = input("\nUser: ").strip()
-            except EOFError:
-                print()
-                break
-            if text.lower() in ("quit", "exit"):
-                break
+        while (text := input("\nUser: ").strip()).lower() not in ("quit", "exit"):
             if text.lower() == "clear":
                 messages = []
                 print("(conversation cleared)")
-                continue
-            if not text:
-                continue
-            messages.append({"role": "user", "content": text})
-            print("\nAssistant: ", end="", flush=True)
-            reply(engine, tokenizer, messages, args, args.seed + turn)
-            turn += 1
-    except KeyboardInterrupt:
+            elif text:
+                messages.append({"role": "user", "content": text})
+                print("\nAssistant: ", end="", flush=True)
+                reply(engine, tokenizer, messages, args, args.seed + turn)
+                turn += 1
+    except (EOFError, KeyboardInterrupt):
         print()
 
 

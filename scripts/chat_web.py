@@ -4,6 +4,7 @@ streaming replies from a pool of model workers.
 
     python -m scripts.chat_web                                 # sft model at http://127.0.0.1:8000
     python -m scripts.chat_web --source base --num-workers 2   # any stage; two CPU replicas
+    python -m scripts.chat_web --source path/to/hf_export      # or an HF export folder
 
 Endpoints
     GET  /                     the page (read from the nanochat package directory, not the CWD)
@@ -14,16 +15,16 @@ Endpoints
     GET  /v1/models            the one model served
     GET  /health, GET /stats   liveness; workers, busy, queue length, requests served, tokens generated
 
-Every error is JSON in OpenAI's shape {"error": {"message", "type", "param", "code"}} and names the
+Every error is JSON in OpenAI's shape {"error": {"message", "type", "param", "code"}} naming the
 offending value and the limit it broke; bad input is a 4xx, never a 500. On /v1 the request's `model`
-is not checked (one model answers everything and responses name it); `top_k` is accepted as an
-extension; `n` must be 1; `stop`, tools and logprobs are refused rather than silently ignored.
+is not checked (one model answers everything, responses name it); `top_k` is an extension; `n` must
+be 1; `stop`, tools and logprobs are refused rather than silently ignored.
 
 Workers: each owns a model replica and its Engine (one per GPU by default; --num-workers replicas on
-CPU/MPS) and generates on its own thread, so the event loop keeps serving other clients. Tokens come
-back to the request through an asyncio.Queue. Requests wait FIFO for a free worker. A client that
-disconnects (the page's stop button aborts its fetch) sets a flag the worker checks every token; the
-worker rejoins the pool as soon as its thread has stopped.
+CPU/MPS) and generates on its own thread, tokens coming back through an asyncio.Queue, so the event
+loop keeps serving. Requests wait FIFO for a free worker. A client that disconnects (the page's stop
+button aborts its fetch) sets a flag the worker checks every token; the worker rejoins the pool as
+soon as its thread has stopped.
 """
 
 import os
@@ -40,6 +41,7 @@ import argparse
 import pathlib
 import threading
 import traceback
+from contextlib import closing
 from dataclasses import dataclass
 from concurrent.futures import ThreadPoolExecutor
 
@@ -49,12 +51,12 @@ from fastapi.responses import JSONResponse, StreamingResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import nanochat
-from nanochat.common import autodetect_device_type, autodetect_dtype
-from nanochat.engine import Engine, render_prompt, prepare_for_inference
+from nanochat.common import UserError, autodetect_device_type, autodetect_dtype, run_cli
+from nanochat.engine import Engine, TextStream, render_prompt, prepare_for_inference
 
 PACKAGE_DIR = pathlib.Path(nanochat.__file__).resolve().parent  # ui.html ships inside the package
 
-# Abuse limits (upstream's values). Each one is checked before any work is queued.
+# Abuse limits (the values of the original nanochat server). Each is checked before any work is queued.
 MAX_MESSAGES = 500
 MAX_MESSAGE_CHARS = 8000
 MAX_TOTAL_CHARS = 32000
@@ -70,25 +72,21 @@ def log(msg):
 
 
 # -----------------------------------------------------------------------------
-# Errors
+# Errors, request parsing and limits
 
 class ApiError(Exception):
-    """A client-facing error, rendered as OpenAI's {"error": {...}} with an HTTP status."""
+    """A client-facing error, rendered as OpenAI's {"error": {...}} with an HTTP status (400 unless said)."""
 
-    def __init__(self, status, message, param=None, code=None, kind="invalid_request_error"):
+    def __init__(self, message, param=None, code=None, status=400, kind="invalid_request_error"):
         super().__init__(message)
         self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
+
+    def response(self):
+        return JSONResponse(self.body(), status_code=self.status)
 
     def body(self):
         return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
 
-
-def error_response(err):
-    return JSONResponse(err.body(), status_code=err.status)
-
-
-# -----------------------------------------------------------------------------
-# Request parsing and limits
 
 @dataclass
 class Sampling:
@@ -112,21 +110,20 @@ async def read_json(request):
     """The request body as parsed JSON, refusing oversized bodies and malformed JSON with a 4xx."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
-        raise ApiError(413, f"request body is {int(declared)} bytes; the limit is {MAX_BODY_BYTES} bytes",
-                       code="body_too_large")
-    chunks, size = [], 0
+        raise ApiError(f"request body is {int(declared)} bytes; the limit is {MAX_BODY_BYTES} bytes",
+                       code="body_too_large", status=413)
+    raw = bytearray()
     async for chunk in request.stream():
-        size += len(chunk)
-        if size > MAX_BODY_BYTES:
-            raise ApiError(413, f"request body exceeds the limit of {MAX_BODY_BYTES} bytes", code="body_too_large")
-        chunks.append(chunk)
-    raw = b"".join(chunks)
+        raw += chunk
+        if len(raw) > MAX_BODY_BYTES:
+            raise ApiError(f"request body exceeds the limit of {MAX_BODY_BYTES} bytes", code="body_too_large",
+                           status=413)
     if not raw.strip():
-        raise ApiError(400, "request body is empty: send a JSON object with a 'messages' list", code="invalid_json")
+        raise ApiError("request body is empty: send a JSON object with a 'messages' list", code="invalid_json")
     try:
         return json.loads(raw)
     except (ValueError, RecursionError) as e:  # bad UTF-8 and bad JSON are ValueErrors; deep nesting recurses
-        raise ApiError(400, f"request body is not valid JSON: {str(e)[:200]}", code="invalid_json") from None
+        raise ApiError(f"request body is not valid JSON: {str(e)[:200]}", code="invalid_json") from None
 
 
 def _number(body, name, default, lo, hi, integer=False, open_low=False):
@@ -134,76 +131,72 @@ def _number(body, name, default, lo, hi, integer=False, open_low=False):
     v = body.get(name)
     if v is None:
         return default
-    kind = "an integer" if integer else "a number"
     if isinstance(v, bool) or not isinstance(v, int if integer else (int, float)):
-        raise ApiError(400, f"{name} must be {kind}, got {json.dumps(v)[:100]}", param=name, code="invalid_type")
+        kind = "an integer" if integer else "a number"
+        raise ApiError(f"{name} must be {kind}, got {json.dumps(v)[:100]}", name, "invalid_type")
     if not math.isfinite(v):
-        raise ApiError(400, f"{name} must be a finite number, got {v}", param=name, code="invalid_value")
+        raise ApiError(f"{name} must be a finite number, got {v}", name, "invalid_value")
     if v < lo or v > hi or (open_low and v == lo):
         bracket = "(" if open_low else "["
-        raise ApiError(400, f"{name}={v} is out of range: it must be in {bracket}{lo}, {hi}]", param=name,
-                       code=f"{name}_out_of_range")
+        raise ApiError(f"{name}={v} is out of range: it must be in {bracket}{lo}, {hi}]", name, f"{name}_out_of_range")
     return v
 
 
-def _content_text(content, i):
+def _content_text(content, where):
     """OpenAI allows content as a list of parts; we take text parts only."""
-    if isinstance(content, list):
-        texts = []
-        for j, part in enumerate(content):
-            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
-                raise ApiError(400, f"messages[{i}].content[{j}] must be a text part {{'type': 'text', 'text': str}}: "
-                                    f"this model reads text only", param=f"messages[{i}].content", code="invalid_content")
-            texts.append(part["text"])
-        return "".join(texts)
-    return content
+    if not isinstance(content, list):
+        return content
+    for j, part in enumerate(content):
+        if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+            raise ApiError(f"{where}[{j}] must be a text part {{'type': 'text', 'text': str}}: this model reads "
+                           f"text only", where, "invalid_content")
+    return "".join(part["text"] for part in content)
 
 
 def parse_messages(raw, allow_system):
     """Validate the messages list against the limits; returns [{"role", "content"}] with str content."""
     roles = ("system", "user", "assistant") if allow_system else ("user", "assistant")
     if not isinstance(raw, list):
-        raise ApiError(400, "messages must be a list of {role, content} objects", param="messages", code="invalid_type")
+        raise ApiError("messages must be a list of {role, content} objects", "messages", "invalid_type")
     if not raw:
-        raise ApiError(400, "messages is empty: send at least one user message", param="messages", code="empty_messages")
+        raise ApiError("messages is empty: send at least one user message", "messages", "empty_messages")
     if len(raw) > MAX_MESSAGES:
-        raise ApiError(400, f"too many messages: {len(raw)}; the limit is {MAX_MESSAGES}", param="messages",
-                       code="too_many_messages")
+        raise ApiError(f"too many messages: {len(raw)}; the limit is {MAX_MESSAGES}", "messages", "too_many_messages")
     out, total = [], 0
     for i, m in enumerate(raw):
         if not isinstance(m, dict):
-            raise ApiError(400, f"messages[{i}] must be an object with 'role' and 'content'", param=f"messages[{i}]",
-                           code="invalid_type")
+            raise ApiError(f"messages[{i}] must be an object with 'role' and 'content'", f"messages[{i}]",
+                           "invalid_type")
         role = m.get("role")
         if role == "developer" and allow_system:
             role = "system"  # OpenAI's newer name for the system message
         if role not in roles:
-            raise ApiError(400, f"messages[{i}].role is {json.dumps(role)[:50]}: it must be one of {', '.join(roles)}",
-                           param=f"messages[{i}].role", code="invalid_role")
-        content = _content_text(m.get("content"), i) if allow_system else m.get("content")
+            raise ApiError(f"messages[{i}].role is {json.dumps(role)[:50]}: it must be one of {', '.join(roles)}",
+                           f"messages[{i}].role", "invalid_role")
+        where = f"messages[{i}].content"
+        content = _content_text(m.get("content"), where) if allow_system else m.get("content")
         if not isinstance(content, str):
-            raise ApiError(400, f"messages[{i}].content must be a string, got {type(content).__name__}",
-                           param=f"messages[{i}].content", code="invalid_type")
+            raise ApiError(f"{where} must be a string, got {type(content).__name__}", where, "invalid_type")
         if role == "user" and not content.strip():
-            raise ApiError(400, f"messages[{i}] (user) is empty", param=f"messages[{i}].content", code="empty_message")
+            raise ApiError(f"messages[{i}] (user) is empty", where, "empty_message")
         if len(content) > MAX_MESSAGE_CHARS:
-            raise ApiError(400, f"messages[{i}] is {len(content)} characters long; the limit is {MAX_MESSAGE_CHARS} "
-                                f"characters per message", param=f"messages[{i}].content", code="message_too_long")
+            raise ApiError(f"messages[{i}] is {len(content)} characters long; the limit is {MAX_MESSAGE_CHARS} "
+                           f"characters per message", where, "message_too_long")
         total += len(content)
         out.append({"role": role, "content": content})
     if total > MAX_TOTAL_CHARS:
-        raise ApiError(400, f"the conversation is {total} characters long in total; the limit is {MAX_TOTAL_CHARS} "
-                            f"characters", param="messages", code="conversation_too_long")
+        raise ApiError(f"the conversation is {total} characters long in total; the limit is {MAX_TOTAL_CHARS} "
+                       f"characters", "messages", "conversation_too_long")
     if out[-1]["role"] != "user":
-        raise ApiError(400, f"the last message must be the user's (it is {out[-1]['role']!r}): the model writes "
-                            f"the next assistant reply", param="messages", code="invalid_last_role")
+        raise ApiError(f"the last message must be the user's (it is {out[-1]['role']!r}): the model writes the next "
+                       f"assistant reply", "messages", "invalid_last_role")
     return out
 
 
 def parse_request(body, defaults, openai):
     """A validated GenRequest from a request body. openai=True is /v1 (system role, top_p, n, seed...)."""
     if not isinstance(body, dict):
-        raise ApiError(400, f"request body must be a JSON object, got {type(body).__name__}", code="invalid_type")
+        raise ApiError(f"request body must be a JSON object, got {type(body).__name__}", code="invalid_type")
     messages = parse_messages(body.get("messages"), allow_system=openai)
     temperature = _number(body, "temperature", defaults.temperature, *TEMPERATURE_RANGE)
     top_k = _number(body, "top_k", defaults.top_k, *TOP_K_RANGE, integer=True)
@@ -213,54 +206,18 @@ def parse_request(body, defaults, openai):
         top_p = _number(body, "top_p", 1.0, *TOP_P_RANGE, open_low=True)
         if body.get("max_completion_tokens") is not None:  # the newer name wins
             max_tokens = _number(body, "max_completion_tokens", None, *MAX_TOKENS_RANGE, integer=True)
-        n = _number(body, "n", 1, 1, 2 ** 31, integer=True)
-        if n != 1:
-            raise ApiError(400, f"n={n} is not supported: this server returns exactly one choice (n=1)", param="n",
-                           code="unsupported_value")
+        if _number(body, "n", 1, 1, 2 ** 31, integer=True) != 1:
+            raise ApiError(f"n={body['n']} is not supported: this server returns exactly one choice (n=1)", "n",
+                           "unsupported_value")
         seed = _number(body, "seed", seed, -2 ** 63, 2 ** 64 - 1, integer=True) % 2 ** 63
-        for name in ("stop", "tools", "functions", "response_format"):
-            if body.get(name) not in (None, [], {}):
-                raise ApiError(400, f"{name} is not supported by this server", param=name, code="unsupported_parameter")
-        if body.get("logprobs") not in (None, False):
-            raise ApiError(400, "logprobs is not supported by this server", param="logprobs", code="unsupported_parameter")
-        for name in ("stream", "model"):
-            want = bool if name == "stream" else str
+        for name in ("stop", "tools", "functions", "response_format", "logprobs"):
+            if body.get(name) not in ((None, False) if name == "logprobs" else (None, [], {})):
+                raise ApiError(f"{name} is not supported by this server", name, "unsupported_parameter")
+        for name, want in (("stream", bool), ("model", str), ("stream_options", dict)):
             if body.get(name) is not None and not isinstance(body[name], want):
-                raise ApiError(400, f"{name} must be a {want.__name__}, got {json.dumps(body[name])[:100]}", param=name,
-                               code="invalid_type")
-        opts = body.get("stream_options")
-        if opts is not None and not isinstance(opts, dict):
-            raise ApiError(400, "stream_options must be an object", param="stream_options", code="invalid_type")
+                kind = {bool: "a bool", str: "a str", dict: "an object"}[want]
+                raise ApiError(f"{name} must be {kind}, got {json.dumps(body[name])[:100]}", name, "invalid_type")
     return GenRequest(messages, float(temperature), int(top_k), float(top_p), int(max_tokens), int(seed))
-
-
-# -----------------------------------------------------------------------------
-# Streaming decode
-
-class StreamDecoder:
-    """Token ids -> text pieces that never split a UTF-8 character (upstream bug #24).
-
-    A character can span several byte-level tokens; decoding token by token would emit U+FFFD halves.
-    Ids since the last emitted piece are decoded together and held back while that text ends in
-    U+FFFD; once it ends in a complete character it is emitted, so pieces concatenate to exactly
-    decode(all ids). Only ever decoding the ids since the last piece keeps this O(n)."""
-
-    def __init__(self, tokenizer):
-        self.tokenizer = tokenizer
-        self.pending = []
-
-    def push(self, token_id):
-        self.pending.append(token_id)
-        text = self.tokenizer.decode(self.pending)
-        if text.endswith("\ufffd"):
-            return ""
-        self.pending = []
-        return text
-
-    def flush(self):
-        text = self.tokenizer.decode(self.pending) if self.pending else ""
-        self.pending = []
-        return text
 
 
 # -----------------------------------------------------------------------------
@@ -273,9 +230,7 @@ class Worker:
         self.id, self.engine, self.tokenizer, self.context_len = wid, engine, tokenizer, context_len
         self.device = torch.device(device)
         self.stop_ids = {tokenizer.encode_special("<|assistant_end|>"), tokenizer.get_bos_token_id()}
-        self.busy = False
-        self.requests = 0
-        self.tokens = 0
+        self.busy, self.requests, self.tokens = False, 0, 0
 
         def init_thread():  # torch's device and thread count are per-thread settings
             if self.device.type == "cuda":
@@ -289,23 +244,18 @@ class Worker:
         "stop"|"length"|"cancelled") or ("error", message). Returns the number of tokens generated."""
         n = 0
         try:
-            with torch.inference_mode():
-                gen = self.engine.generate(prompt, num_samples=1, max_tokens=max_tokens, temperature=req.temperature,
-                                           top_k=req.top_k or None, top_p=req.top_p if req.top_p < 1.0 else None,
-                                           seed=req.seed)
-                try:
-                    for token_column, _mask_column in gen:
-                        if cancel.is_set():
-                            emit(("finish", "cancelled"))
-                            return n
-                        token = int(token_column[0])
-                        if token in self.stop_ids:
-                            emit(("finish", "stop"))
-                            return n
-                        n += 1
-                        emit(("token", token))
-                finally:
-                    gen.close()
+            gen = self.engine.generate(prompt, num_samples=1, max_tokens=max_tokens, temperature=req.temperature,
+                                       top_k=req.top_k or None, top_p=req.top_p if req.top_p < 1.0 else None,
+                                       seed=req.seed)
+            with torch.inference_mode(), closing(gen):
+                for token_column, _mask_column in gen:
+                    token = int(token_column[0])
+                    finish = "cancelled" if cancel.is_set() else "stop" if token in self.stop_ids else None
+                    if finish:
+                        emit(("finish", finish))
+                        return n
+                    n += 1
+                    emit(("token", token))
             emit(("finish", "length" if n >= max_tokens else "stop"))
         except Exception as e:
             log(f"worker {self.id}: generation failed:\n{traceback.format_exc()}")
@@ -325,27 +275,7 @@ class WorkerPool:
         self.free = asyncio.Queue()
         for w in workers:
             self.free.put_nowait(w)
-        self.waiting = 0
-        self.served = 0
-        self.tokens = 0
-        self.created = int(time.time())
-
-    async def acquire(self):
-        self.waiting += 1
-        try:
-            w = await self.free.get()
-        finally:
-            self.waiting -= 1
-        w.busy = True
-        return w
-
-    def release(self, worker, n_tokens):
-        worker.busy = False
-        worker.requests += 1
-        worker.tokens += n_tokens
-        self.served += 1
-        self.tokens += n_tokens
-        self.free.put_nowait(worker)
+        self.waiting, self.served, self.tokens, self.created = 0, 0, 0, int(time.time())
 
     def close(self):
         """Stop the worker threads once they finish what they are doing."""
@@ -365,12 +295,12 @@ class WorkerPool:
         try:
             prompt = render_prompt(self.tokenizer, req.messages)
         except ValueError as e:  # e.g. roles that do not alternate
-            raise ApiError(400, f"invalid conversation: {e}", param="messages", code="invalid_conversation") from None
+            raise ApiError(f"invalid conversation: {e}", "messages", "invalid_conversation") from None
         room = self.context_len - len(prompt)
         if room < 1:
-            raise ApiError(400, f"the conversation is {len(prompt)} tokens; the model's context is {self.context_len} "
-                                f"tokens, which leaves no room for a reply: start a new chat or shorten it",
-                           param="messages", code="context_length_exceeded")
+            raise ApiError(f"the conversation is {len(prompt)} tokens; the model's context is {self.context_len} "
+                           f"tokens, which leaves no room for a reply: start a new chat or shorten it",
+                           "messages", "context_length_exceeded")
         return prompt, min(req.max_tokens, room)
 
     async def generate(self, prompt, req, max_tokens, info):
@@ -378,7 +308,12 @@ class WorkerPool:
         and on exit (finished, client gone, or cancelled) stops the thread and frees the worker.
         Fills info with worker, finish_reason, completion_tokens, ttft; raises ApiError on failure."""
         t0 = time.perf_counter()
-        worker = await self.acquire()
+        self.waiting += 1
+        try:
+            worker = await self.free.get()
+        finally:
+            self.waiting -= 1
+        worker.busy = True
         loop = asyncio.get_running_loop()
         queue = asyncio.Queue()
         cancel = threading.Event()
@@ -389,32 +324,32 @@ class WorkerPool:
             except RuntimeError:  # the event loop is gone (shutdown): stop generating
                 cancel.set()
 
-        def finished(fut):  # on the event loop, once the thread is done
-            self.release(worker, 0 if fut.cancelled() or fut.exception() else fut.result())
+        def finished(fut):  # on the event loop, once the thread is done: count, and free the worker
+            n = 0 if fut.cancelled() or fut.exception() else fut.result()
+            worker.busy, worker.requests, worker.tokens = False, worker.requests + 1, worker.tokens + n
+            self.served, self.tokens = self.served + 1, self.tokens + n
+            self.free.put_nowait(worker)
 
         # Free the worker only once its thread has really stopped: a replica must never run two generations.
-        loop.run_in_executor(worker.executor, worker.run, prompt, req, max_tokens, cancel, emit).add_done_callback(finished)
+        run = loop.run_in_executor(worker.executor, worker.run, prompt, req, max_tokens, cancel, emit)
+        run.add_done_callback(finished)
         info.update(worker=worker.id, finish_reason="cancelled", completion_tokens=0, ttft=None)
-        decoder = StreamDecoder(self.tokenizer)
+        text = TextStream(self.tokenizer)  # whole characters only
         try:
             while True:
                 kind, value = await queue.get()
+                if kind == "error":
+                    info["finish_reason"] = "error"
+                    raise ApiError(value, code="generation_failed", status=500, kind="server_error")
                 if kind == "token":
                     info["completion_tokens"] += 1
-                    if info["ttft"] is None:
-                        info["ttft"] = time.perf_counter() - t0
-                    piece = decoder.push(value)
-                    if piece:
-                        yield piece
-                elif kind == "finish":
-                    tail = decoder.flush()
-                    if tail:
-                        yield tail
+                    info["ttft"] = info["ttft"] or time.perf_counter() - t0
+                piece = text.add(value) if kind == "token" else text.flush()
+                if piece:
+                    yield piece
+                if kind == "finish":
                     info["finish_reason"] = value
                     return
-                else:
-                    info["finish_reason"] = "error"
-                    raise ApiError(500, value, code="generation_failed", kind="server_error")
         finally:
             cancel.set()  # no-op if the thread already finished; stops it at the next token otherwise
 
@@ -423,33 +358,36 @@ class WorkerPool:
 # Loading
 
 def build_workers(source, model_tag=None, step=None, num_workers=None, device_type=None):
-    """Load one model replica per worker (all from the same checkpoint step). Returns (workers, model id)."""
-    from nanochat.checkpoint import load_model, resolve_checkpoint
+    """Load one model replica per worker, all of the same checkpoint step (or HF export folder).
+    Returns (workers, model id)."""
+    from nanochat.checkpoint import STAGE_DIRS, resolve_checkpoint
+    from nanochat.hf_convert import load_any
     device_type = device_type or autodetect_device_type()
-    if device_type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device-type cuda was asked for but torch sees no CUDA device")
-    if device_type == "mps" and not torch.backends.mps.is_available():
-        raise SystemExit("--device-type mps was asked for but MPS is not available")
-    if device_type not in ("cuda", "mps", "cpu"):
-        raise SystemExit(f"--device-type {device_type!r} is not one of cuda, mps, cpu")
+    available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(), "cpu": True}
+    if not available.get(device_type):
+        raise UserError(f"--device-type {device_type!r} is not available here: torch sees "
+                        f"{', '.join(d for d, ok in available.items() if ok)}")
     n_gpus = torch.cuda.device_count() if device_type == "cuda" else 0
     num_workers = num_workers or (n_gpus if device_type == "cuda" else 1)
     if num_workers < 1:
-        raise SystemExit(f"--num-workers {num_workers} must be >= 1")
-    ckpt_dir, step = resolve_checkpoint(source, model_tag, step)  # pin the step so every replica matches
-    tag = os.path.basename(ckpt_dir)
+        raise UserError(f"--num-workers {num_workers} must be >= 1")
+    if source in STAGE_DIRS:
+        ckpt_dir, step = resolve_checkpoint(source, model_tag, step)  # pin the step so every replica matches
+        model_tag = os.path.basename(ckpt_dir)
+        model_id = f"nanochat-{source}-{model_tag}-step{step}"
+    else:
+        model_id = f"nanochat-{os.path.basename(os.path.normpath(str(source)))}"
     dtype, reason = autodetect_dtype(device_type)
     # CPU replicas share the cores: split them so the threads do not oversubscribe.
     threads = max(1, (os.cpu_count() or 1) // num_workers) if device_type == "cpu" else None
     workers = []
     for i in range(num_workers):
         device = torch.device("cuda", i % n_gpus) if device_type == "cuda" else torch.device(device_type)
-        model, tokenizer, meta = load_model(source, device, phase="eval", model_tag=tag, step=step, compute_dtype=dtype)
+        model, tokenizer, _ = load_any(source, device, model_tag=model_tag, step=step, compute_dtype=dtype)
         prepare_for_inference(model)  # serving only: weights cast once to the compute dtype
-        context = meta["model_config"]["sequence_len"]
-        workers.append(Worker(i, Engine(model, tokenizer), tokenizer, context, device, threads))
-    log(f"{num_workers} worker(s) on {device_type} ({dtype}: {reason}), model {source}/{tag} step {step}")
-    return workers, f"nanochat-{source}-{tag}-step{step}"
+        workers.append(Worker(i, Engine(model, tokenizer), tokenizer, model.config.sequence_len, device, threads))
+    log(f"{num_workers} worker(s) on {device_type} ({dtype}: {reason}), model {model_id}")
+    return workers, model_id
 
 
 # -----------------------------------------------------------------------------
@@ -483,17 +421,17 @@ def create_app(pool):
 
     @app.exception_handler(ApiError)
     async def _api_error(request, err):
-        return error_response(err)
+        return err.response()
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request, exc):  # 404/405 in the same shape as everything else
-        return error_response(ApiError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}",
-                                       code="not_found" if exc.status_code == 404 else None))
+        return ApiError(f"{request.method} {request.url.path}: {exc.detail}", status=exc.status_code,
+                        code="not_found" if exc.status_code == 404 else None).response()
 
     @app.exception_handler(Exception)
     async def _internal_error(request, exc):
         log(f"internal error on {request.url.path}:\n{traceback.format_exc()}")
-        return error_response(ApiError(500, f"internal server error: {type(exc).__name__}", kind="server_error"))
+        return ApiError(f"internal server error: {type(exc).__name__}", status=500, kind="server_error").response()
 
     @app.get("/")
     async def index():
@@ -522,8 +460,8 @@ def create_app(pool):
 
     def summary(rid, path, prompt, info, t0):
         ttft = f"{info['ttft']:.2f}s" if info.get("ttft") is not None else "-"
-        log(f"#{rid} {path} worker {info.get('worker')}: prompt {len(prompt)} tok -> {info.get('completion_tokens', 0)} "
-            f"tok, {info.get('finish_reason')}, ttft {ttft}, total {time.perf_counter() - t0:.2f}s")
+        log(f"#{rid} {path} worker {info.get('worker')}: prompt {len(prompt)} tok -> {info.get('completion_tokens', 0)}"
+            f" tok, {info.get('finish_reason')}, ttft {ttft}, total {time.perf_counter() - t0:.2f}s")
 
     @app.post("/chat/completions")
     async def chat_page(request: Request):
@@ -563,9 +501,10 @@ def create_app(pool):
         if body.get("stream"):
             include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
 
-            def chunk(delta, finish=None):
+            def chunk(delta, finish=None, **usage):  # with usage: the final chunk, which has no choices
+                choices = [] if usage else [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]
                 return sse({"id": cid, "object": "chat.completion.chunk", "created": created, "model": pool.model_id,
-                            "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]})
+                            "choices": choices, **usage})
 
             async def events():
                 try:
@@ -574,8 +513,7 @@ def create_app(pool):
                         yield chunk({"content": piece})
                     yield chunk({}, finish_reason())
                     if include_usage:
-                        yield sse({"id": cid, "object": "chat.completion.chunk", "created": created,
-                                   "model": pool.model_id, "choices": [], "usage": usage()})
+                        yield chunk(None, usage=usage())
                 except ApiError as e:
                     yield sse(e.body())
                 finally:
@@ -613,23 +551,23 @@ def create_app(pool):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Serve a nanochat model: a ChatGPT-like web page and an "
                                             "OpenAI-compatible API (/v1/chat/completions).")
-    p.add_argument("--source", default="sft", choices=["base", "mid", "sft", "rl"],
-                   help="which training stage's checkpoint to serve (default: sft)")
+    p.add_argument("--source", default="sft",
+                   help="what to serve: a training stage's checkpoint (base, mid, sft, rl) or the path of an "
+                        "HF export folder (default: sft)")
     p.add_argument("--model-tag", default=None, help="checkpoint tag, e.g. d20 (default: the only one there is)")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest complete one)")
     p.add_argument("--num-workers", type=int, default=None,
                    help="model replicas serving requests in parallel (default: one per GPU on cuda, 1 elsewhere)")
-    p.add_argument("--device-type", default=None, choices=["cuda", "mps", "cpu"],
-                   help="device to run on (default: autodetect)")
+    p.add_argument("--device-type", default=None, choices=["cuda", "mps", "cpu"], help="default: autodetect")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (default 127.0.0.1; 0.0.0.0 exposes it to the network, without auth)")
     p.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
     p.add_argument("--temperature", type=float, default=0.8,
-                   help=f"default sampling temperature when a request has none, in {list(TEMPERATURE_RANGE)} (0 = greedy)")
-    p.add_argument("--top-k", type=int, default=50,
-                   help=f"default top-k when a request has none, in {list(TOP_K_RANGE)} (0 = off)")
+                   help=f"for requests that give none, in {list(TEMPERATURE_RANGE)}; 0 = greedy (default 0.8)")
+    p.add_argument("--top-k", type=int, default=50, help=f"for requests that give none, in {list(TOP_K_RANGE)}; "
+                                                         f"0 = off (default 50)")
     p.add_argument("--max-tokens", type=int, default=512,
-                   help=f"default reply length limit in tokens when a request has none, in {list(MAX_TOKENS_RANGE)}")
+                   help=f"reply length limit for requests that give none, in {list(MAX_TOKENS_RANGE)} (default 512)")
     args = p.parse_args(argv)
     checks = [("--temperature", args.temperature, TEMPERATURE_RANGE), ("--top-k", args.top_k, TOP_K_RANGE),
               ("--max-tokens", args.max_tokens, MAX_TOKENS_RANGE), ("--port", args.port, (0, 65535))]
@@ -646,7 +584,7 @@ def main(argv=None):
     try:
         workers, model_id = build_workers(args.source, args.model_tag, args.step, args.num_workers, args.device_type)
     except CheckpointError as e:
-        raise SystemExit(f"cannot load a model to serve: {e}")
+        raise UserError(f"cannot load a model to serve: {e}") from None
     pool = WorkerPool(workers, model_id, Sampling(args.temperature, args.top_k, args.max_tokens))
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         log(f"WARNING: listening on {args.host}: anyone who can reach this address can use the model (no auth)")
@@ -655,4 +593,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -124,3 +124,13 @@ def test_long_conversations_drop_the_oldest_exchanges(tiny_base, capsys):
     assert len(messages) == 3 and prompt == render_prompt(tokenizer, messages) and len(prompt) < context
     assert capsys.readouterr().out.count("dropped the oldest exchange") == 2
     assert chat_cli.fit_context(tokenizer, [{"role": "user", "content": "word " * 200}], context) is None
+
+
+def test_one_shot_from_an_hf_export_folder(tiny_base, fp32, capsys, tmp_path):
+    from nanochat.checkpoint import load_model
+    from nanochat.hf_export import export_model
+    model, tokenizer, _ = load_model("base", "cpu")
+    export_model(model, tokenizer, str(tmp_path / "export"))
+    capsys.readouterr()
+    chat_cli.main(["--source", str(tmp_path / "export")] + ARGS[2:] + ["-p", "Tell me about the sea."])
+    assert capsys.readouterr().out.endswith(expected_reply([{"role": "user", "content": "Tell me about the sea."}]) + "\n")

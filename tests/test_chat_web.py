@@ -23,9 +23,10 @@ import uvicorn
 from hypothesis import given, settings, strategies as st
 
 from nanochat.tokenizer import Tokenizer
-from nanochat.engine import Engine, render_prompt
+from nanochat.common import UserError
+from nanochat.engine import Engine, TextStream, render_prompt
 from scripts import chat_web
-from scripts.chat_web import StreamDecoder, Worker, WorkerPool, Sampling, create_app
+from scripts.chat_web import Worker, WorkerPool, Sampling, create_app
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_WORKERS = 2
@@ -195,23 +196,23 @@ def echo_server(tokenizer):
 # -----------------------------------------------------------------------------
 # Pure functions
 
-def test_stream_decoder_never_splits_characters(tokenizer):
+def test_text_stream_never_splits_characters(tokenizer):
     text = "naïve café — 日本語のテキスト 😀🎉 Ωμέγα"
     ids = tokenizer.encode(text)
     # the test means something only if some token is not valid UTF-8 on its own
     assert any("\ufffd" in tokenizer.decode([i]) for i in ids)
-    decoder = StreamDecoder(tokenizer)
-    pieces = [decoder.push(i) for i in ids] + [decoder.flush()]
+    stream = TextStream(tokenizer)  # what the server streams through
+    pieces = [stream.add(i) for i in ids] + [stream.flush()]
     assert "".join(pieces) == text
     assert not any("\ufffd" in p for p in pieces)
 
 
 @settings(max_examples=60, deadline=None)
 @given(text=st.text(min_size=1, max_size=40))
-def test_stream_decoder_concatenates_to_decode(tokenizer, text):
+def test_text_stream_concatenates_to_decode(tokenizer, text):
     ids = tokenizer.encode(text)
-    decoder = StreamDecoder(tokenizer)
-    pieces = [decoder.push(i) for i in ids] + [decoder.flush()]
+    stream = TextStream(tokenizer)  # what the server streams through
+    pieces = [stream.add(i) for i in ids] + [stream.flush()]
     assert "".join(pieces) == tokenizer.decode(ids) == text
 
 
@@ -228,7 +229,7 @@ def test_cli_rejects_bad_flags_and_missing_model(base_dir, capsys):
     with pytest.raises(SystemExit):
         chat_web.parse_args(["--temperature", "3"])
     assert "--temperature 3.0 is out of range" in capsys.readouterr().err
-    with pytest.raises(SystemExit) as e:
+    with pytest.raises(UserError) as e:  # run_cli prints it as one line and exits 1
         chat_web.main(["--source", "base", "--device-type", "cpu"])
     assert "cannot load a model to serve" in str(e.value) and "train one first" in str(e.value)
 
@@ -334,6 +335,33 @@ def test_openai_client_sees_validation_errors(client, model_id):
     with pytest.raises(openai.BadRequestError) as e:
         client.chat.completions.create(model=model_id, messages=user("Hi"), temperature=5)
     assert e.value.status_code == 400 and "temperature=5" in str(e.value)
+
+
+def test_serves_an_hf_export_folder(tiny_run, tmp_path, monkeypatch):
+    from nanochat.checkpoint import load_model
+    from nanochat.hf_export import export_model
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tiny_run))
+    monkeypatch.setenv("NANOCHAT_DTYPE", "float32")
+    model, tok, _ = load_model("base", "cpu")
+    export_model(model, tok, str(tmp_path / "d2export"))
+    workers, model_id = chat_web.build_workers(str(tmp_path / "d2export"), num_workers=1, device_type="cpu")
+    assert model_id == "nanochat-d2export" and workers[0].context_len == 128
+    pool = WorkerPool(workers, model_id, Sampling())
+    server = ThreadServer(create_app(pool))
+    try:
+        r = httpx.post(server.url + "/v1/chat/completions", timeout=60,
+                       json={"messages": user("Hi"), "max_tokens": 8, "temperature": 0}).json()
+    finally:
+        server.close()
+        pool.close()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, os.cpu_count() or 1))  # the worker's thread count
+    try:
+        seqs, _ = Engine(model, tok).generate_batch(render_prompt(tok, user("Hi")), max_tokens=8, temperature=0)
+    finally:
+        torch.set_num_threads(threads)
+    assert r["model"] == model_id
+    assert r["choices"][0]["message"]["content"] == tok.decode(seqs[0][len(render_prompt(tok, user("Hi"))):])
 
 
 # -----------------------------------------------------------------------------
