@@ -38,14 +38,9 @@ while [ $# -gt 0 ]; do
         *) echo "scaling_laws.sh: unknown argument '$1' (see --help)" >&2; exit 2 ;;
     esac
 done
-if [ -n "${NANOCHAT_LOCAL_DATA:-}" ]; then
-    [ -d "$NANOCHAT_LOCAL_DATA" ] || { echo "scaling_laws.sh: NANOCHAT_LOCAL_DATA=$NANOCHAT_LOCAL_DATA is not a directory" >&2; exit 2; }
-    export NANOCHAT_LOCAL_DATA="$(cd "$NANOCHAT_LOCAL_DATA" && pwd)"
-fi
-cd "$(dirname "$0")/.."
-export NANOCHAT_BASE_DIR="${NANOCHAT_BASE_DIR:-$HOME/.cache/nanochat}"
-WANDB_RUN="${WANDB_RUN:-dummy}"
-NPROC="${NPROC:-8}"
+# shellcheck source=runs/sweep_lib.sh
+source "$(dirname "$0")/sweep_lib.sh"
+sweep_setup scaling_laws.sh
 
 if [ "$CPU" = 1 ]; then
     # Tiny models (width 64 * depth, heads of 64), 4,096-token steps, no torch.compile (its start-up
@@ -68,49 +63,13 @@ fi
 RESULTS="$NANOCHAT_BASE_DIR/scaling_laws_results_$LABEL"
 mkdir -p "$RESULTS"
 
-if [ "${SKIP_SETUP:-0}" != 1 ]; then
-    bash runs/setup.sh
-    # shellcheck disable=SC1091
-    source .venv/bin/activate
-fi
-
-# Shards and a tokenizer, unless this base dir already has them (e.g. from runcpu.sh or speedrun.sh).
-if ! ls "$NANOCHAT_BASE_DIR"/base_data/*.parquet > /dev/null 2>&1; then
-    if [ -n "${NANOCHAT_LOCAL_DATA:-}" ]; then
-        python -m nanochat.dataset import "$NANOCHAT_LOCAL_DATA/pretrain_text" --doc-chars 2000
-    elif [ "$CPU" = 1 ]; then
-        python -m nanochat.dataset download -n 1
-    else
-        python -m nanochat.dataset download -n "${SHARDS:-400}"
-    fi
-fi
-if [ ! -d "$NANOCHAT_BASE_DIR/tokenizer" ]; then
-    if [ "$CPU" = 1 ]; then
-        python -m scripts.tok_train --vocab-size 8192 --max-chars 20000000
-    else
-        python -m scripts.tok_train
-    fi
-fi
+sweep_data
 
 for budget in $BUDGETS; do
     for d in $DEPTHS; do
         tag="sl_${LABEL}_f${budget}_d${d}"
-        out="$RESULTS/$tag"
-        mkdir -p "$out"
         run_name=dummy; [ "$WANDB_RUN" != dummy ] && run_name="${WANDB_RUN}_$tag"
-        if [ -f "$out/base_train.json" ]; then
-            echo "=== $tag: already trained, skipping"
-        else
-            echo "=== $tag: depth $d, $budget FLOPs"
-            launch scripts.base_train --depth="$d" --target-flops="$budget" "${TRAIN_FLAGS[@]}" \
-                --sample-every=-1 --save-every=-1 --keep-checkpoints=1 --model-tag="$tag" --run="$run_name" \
-                2>&1 | tee "$out/train.log"
-            cp "$NANOCHAT_BASE_DIR/report/base_train.json" "$out/base_train.json"
-        fi
-        if [ "$CORE_CAP" != 0 ] && [ ! -f "$out/base_eval.json" ]; then
-            launch scripts.base_eval --model-tag="$tag" --eval=core --max-per-task="$CORE_CAP" 2>&1 | tee "$out/eval.log"
-            cp "$NANOCHAT_BASE_DIR/report/base_eval.json" "$out/base_eval.json"
-        fi
+        sweep_point "$tag" "$RESULTS/$tag" "$run_name" --depth="$d" --target-flops="$budget" "${TRAIN_FLAGS[@]}"
     done
 done
 

@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# runs/sweep_lib.sh: what the two sweeps (scaling_laws.sh, miniseries.sh) share, sourced by them, never
+# run on its own: the environment, data and tokenizer set-up, and one sweep point's train + CORE steps.
+#
+# Environment: as documented in the sweep scripts (NANOCHAT_BASE_DIR, NANOCHAT_LOCAL_DATA, WANDB_RUN, NPROC,
+# SHARDS, SKIP_SETUP, CORE_CAP). Time: none of its own.
+
+# $1: the calling script's name, for messages. Leaves the shell in the repository root.
+sweep_setup() {
+    if [ -n "${NANOCHAT_LOCAL_DATA:-}" ]; then
+        [ -d "$NANOCHAT_LOCAL_DATA" ] || { echo "$1: NANOCHAT_LOCAL_DATA=$NANOCHAT_LOCAL_DATA is not a directory" >&2; exit 2; }
+        export NANOCHAT_LOCAL_DATA="$(cd "$NANOCHAT_LOCAL_DATA" && pwd)"
+    fi
+    cd "$(dirname "${BASH_SOURCE[0]}")/.."
+    export NANOCHAT_BASE_DIR="${NANOCHAT_BASE_DIR:-$HOME/.cache/nanochat}"
+    WANDB_RUN="${WANDB_RUN:-dummy}"
+    NPROC="${NPROC:-8}"
+}
+
+# Shards and a tokenizer, unless this base dir already has them (e.g. from runcpu.sh or speedrun.sh).
+sweep_data() {
+    if [ "${SKIP_SETUP:-0}" != 1 ]; then
+        bash runs/setup.sh
+        # shellcheck disable=SC1091
+        source .venv/bin/activate
+    fi
+    if ! ls "$NANOCHAT_BASE_DIR"/base_data/*.parquet > /dev/null 2>&1; then
+        if [ -n "${NANOCHAT_LOCAL_DATA:-}" ]; then
+            python -m nanochat.dataset import "$NANOCHAT_LOCAL_DATA/pretrain_text" --doc-chars 2000
+        else
+            python -m nanochat.dataset download -n "$([ "$CPU" = 1 ] && echo 1 || echo "${SHARDS:-400}")"
+        fi
+    fi
+    if [ ! -d "$NANOCHAT_BASE_DIR/tokenizer" ]; then
+        if [ "$CPU" = 1 ]; then
+            python -m scripts.tok_train --vocab-size 8192 --max-chars 20000000
+        else
+            python -m scripts.tok_train
+        fi
+    fi
+}
+
+# One point of a sweep: $1 tag, $2 results folder of the point, $3 wandb run name, then base_train's flags.
+# A point whose base_train.json (or base_eval.json) is already in its folder is not run again.
+sweep_point() {
+    local tag=$1 out=$2 run_name=$3
+    shift 3
+    mkdir -p "$out"
+    if [ -f "$out/base_train.json" ]; then
+        echo "=== $tag: already trained, skipping"
+    else
+        echo "=== $tag: $*"
+        launch scripts.base_train "$@" --sample-every=-1 --save-every=-1 --keep-checkpoints=1 --model-tag="$tag" \
+            --run="$run_name" 2>&1 | tee "$out/train.log"
+        cp "$NANOCHAT_BASE_DIR/report/base_train.json" "$out/base_train.json"
+    fi
+    if [ "$CORE_CAP" != 0 ] && [ ! -f "$out/base_eval.json" ]; then
+        launch scripts.base_eval --model-tag="$tag" --eval=core --max-per-task="$CORE_CAP" 2>&1 | tee "$out/eval.log"
+        cp "$NANOCHAT_BASE_DIR/report/base_eval.json" "$out/base_eval.json"
+    fi
+}
