@@ -40,9 +40,9 @@ while [ $# -gt 0 ]; do
         *) SERIES="$1"; shift ;;
     esac
 done
-# shellcheck source=runs/sweep_lib.sh
-source "$(dirname "$0")/sweep_lib.sh"
-sweep_setup miniseries.sh
+# shellcheck source=runs/common.sh
+source "$(dirname "$0")/common.sh"
+run_env miniseries.sh
 
 if [ "$CPU" = 1 ]; then
     # Tiny models (width 64 * depth, heads of 64), 4,096-token steps, no torch.compile, short warmup.

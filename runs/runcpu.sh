@@ -35,14 +35,9 @@ while [ $# -gt 0 ]; do
         *) echo "runcpu.sh: unknown argument '$1' (see --help)" >&2; exit 2 ;;
     esac
 done
-# Resolve a relative NANOCHAT_LOCAL_DATA before we cd, so ../shared/data means what the caller meant.
-if [ -n "${NANOCHAT_LOCAL_DATA:-}" ]; then
-    [ -d "$NANOCHAT_LOCAL_DATA" ] || { echo "runcpu.sh: NANOCHAT_LOCAL_DATA=$NANOCHAT_LOCAL_DATA is not a directory" >&2; exit 2; }
-    export NANOCHAT_LOCAL_DATA="$(cd "$NANOCHAT_LOCAL_DATA" && pwd)"
-fi
-cd "$(dirname "$0")/.."
-export NANOCHAT_BASE_DIR="${NANOCHAT_BASE_DIR:-$HOME/.cache/nanochat}"
-WANDB_RUN="${WANDB_RUN:-dummy}"
+# shellcheck source=runs/common.sh
+source "$(dirname "$0")/common.sh"
+run_env runcpu.sh
 mkdir -p "$NANOCHAT_BASE_DIR"
 
 # The tiny model: 4 layers of width 256 (4 heads of 64), 512-token context, 8,192-token vocabulary,

@@ -38,9 +38,9 @@ while [ $# -gt 0 ]; do
         *) echo "scaling_laws.sh: unknown argument '$1' (see --help)" >&2; exit 2 ;;
     esac
 done
-# shellcheck source=runs/sweep_lib.sh
-source "$(dirname "$0")/sweep_lib.sh"
-sweep_setup scaling_laws.sh
+# shellcheck source=runs/common.sh
+source "$(dirname "$0")/common.sh"
+run_env scaling_laws.sh
 
 if [ "$CPU" = 1 ]; then
     # Tiny models (width 64 * depth, heads of 64), 4,096-token steps, no torch.compile (its start-up

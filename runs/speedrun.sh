@@ -31,15 +31,10 @@ while [ $# -gt 0 ]; do
         *) echo "speedrun.sh: unknown argument '$1' (see --help)" >&2; exit 2 ;;
     esac
 done
-if [ -n "${NANOCHAT_LOCAL_DATA:-}" ]; then
-    [ -d "$NANOCHAT_LOCAL_DATA" ] || { echo "speedrun.sh: NANOCHAT_LOCAL_DATA=$NANOCHAT_LOCAL_DATA is not a directory" >&2; exit 2; }
-    export NANOCHAT_LOCAL_DATA="$(cd "$NANOCHAT_LOCAL_DATA" && pwd)"
-fi
-cd "$(dirname "$0")/.."
-export NANOCHAT_BASE_DIR="${NANOCHAT_BASE_DIR:-$HOME/.cache/nanochat}"
+# shellcheck source=runs/common.sh
+source "$(dirname "$0")/common.sh"
+run_env speedrun.sh
 export OMP_NUM_THREADS=1  # torchrun runs one process per GPU; CPU threads would only contend
-WANDB_RUN="${WANDB_RUN:-dummy}"
-NPROC="${NPROC:-8}"
 mkdir -p "$NANOCHAT_BASE_DIR"
 
 # The one dial is the depth; 8 tokens per scaling param is the data:params ratio of the d24 GPT-2 runs

@@ -83,8 +83,8 @@ def test_scripts_only_pass_flags_the_entry_points_accept():
     wanted = {}
     for name in SCRIPTS:
         lines = code_lines(script_text(name))
-        if "sweep_lib.sh" in script_text(name):  # what the shared sweep steps launch, the sweep launches
-            lines += code_lines(script_text("sweep_lib.sh"))
+        if "sweep_point" in script_text(name):  # what the shared sweep steps launch, the sweep launches
+            lines += code_lines(script_text("common.sh"))
         flags = {f for line in lines for f in re.findall(r"(?<![\w-])(--[a-z][a-z0-9_-]*)", line)} - OWN_FLAGS
         wanted[name] = (_modules(lines), flags)
     modules = sorted({m for mods, _ in wanted.values() for m in mods}, key=str)

@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
-# runs/sweep_lib.sh: what the two sweeps (scaling_laws.sh, miniseries.sh) share, sourced by them, never
-# run on its own: the environment, data and tokenizer set-up, and one sweep point's train + CORE steps.
+# runs/common.sh: what the run scripts share, sourced by them, never run on its own: the environment
+# (run_env), and for the two sweeps (scaling_laws.sh, miniseries.sh) the data and tokenizer set-up and one
+# sweep point's train + CORE steps.
 #
-# Environment: as documented in the sweep scripts (NANOCHAT_BASE_DIR, NANOCHAT_LOCAL_DATA, WANDB_RUN, NPROC,
+# Environment: as documented in the run scripts (NANOCHAT_BASE_DIR, NANOCHAT_LOCAL_DATA, WANDB_RUN, NPROC,
 # SHARDS, SKIP_SETUP, CORE_CAP). Time: none of its own.
 
-# $1: the calling script's name, for messages. Leaves the shell in the repository root.
-sweep_setup() {
+# $1: the calling script's name, for messages. A relative NANOCHAT_LOCAL_DATA is resolved before the cd
+# to the repository root, so ../shared/data means what the caller meant.
+run_env() {
     if [ -n "${NANOCHAT_LOCAL_DATA:-}" ]; then
         [ -d "$NANOCHAT_LOCAL_DATA" ] || { echo "$1: NANOCHAT_LOCAL_DATA=$NANOCHAT_LOCAL_DATA is not a directory" >&2; exit 2; }
         export NANOCHAT_LOCAL_DATA="$(cd "$NANOCHAT_LOCAL_DATA" && pwd)"
