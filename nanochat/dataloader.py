@@ -2,16 +2,14 @@
 Pretraining data loader: tokenizes documents on the fly and packs them into rows that each start with
 <|bos|> (BOS-aligned best-fit packing), sharded across torchrun ranks, resumable exactly.
 
-Rows are produced by R independent *streams*, one per row of the global batch (R = rows per optimizer
-step). Stream j takes the documents whose global index (counting across shards, row groups and
-epochs) is j mod R, and packs them into rows: repeatedly put the largest buffered document that still
-fits into the row; when none fits, crop the shortest one to fill the row exactly (no padding, 100% of
-tokens used, every row starts at a document boundary with <|bos|>).
-
-Because a stream's rows depend only on (data, R, T), never on how many ranks there are, a step's global
-batch is identical for any world size: rank r of W owns streams [r*R/W, (r+1)*R/W) and so reads and
-tokenizes only its own (disjoint) documents; gradient accumulation makes up the rest. The state of a
-stream is (index of its next document, its buffer), so a run saved with N ranks resumes on M ranks.
+Rows come from R independent *streams*, one per row of the global batch (R = rows per optimizer step).
+Stream j takes the documents whose global index (across shards, row groups and epochs) is j mod R and
+packs them into rows: the largest buffered document that still fits goes in; when none fits, the
+shortest is cropped to fill the row exactly (no padding, every row starts at a document with <|bos|>).
+A stream's rows depend only on (data, R, T), so a step's global batch is the same for any world size:
+rank r of W owns streams [r*R/W, (r+1)*R/W) and reads and tokenizes only their documents; gradient
+accumulation makes up the rest. A stream's state is (index of its next document, its buffer), so a
+run saved with N ranks resumes on M ranks.
 """
 
 import bisect
@@ -26,7 +24,6 @@ class _DocIndex:
     """Maps a global document index (any epoch) to (shard, row group, row) using parquet footers."""
 
     def __init__(self, paths):
-        self.paths = paths
         self.groups = []  # (path, row group, first doc index within the epoch, num docs)
         n = 0
         for path in paths:
@@ -55,8 +52,8 @@ class DataLoader:
                  buffer_docs=32, tokenizer_threads=4, resume_states=None, data_dir=None):
         R = rows_per_step or B * world_size
         if R % (B * world_size):
-            raise ValueError(f"rows per step ({R}) must be a multiple of device batch {B} x world size "
-                             f"{world_size}; pick a --device-batch-size that divides {R // world_size}")
+            raise DataError(f"rows per step ({R}) must be a multiple of device batch {B} x world size "
+                            f"{world_size}; pick a --device-batch-size that divides {R // world_size}")
         self.tok, self.B, self.T, self.R = tokenizer, B, T, R
         self.rank, self.world_size = rank, world_size
         self.device = torch.device(device)
@@ -156,25 +153,24 @@ class DataLoader:
         merged = {}
         for st in states:
             if st["R"] != self.R or st["T"] != self.T:
-                raise ValueError(f"cannot resume the dataloader: saved with {st['R']} rows of {st['T']} tokens "
-                                 f"per step, now {self.R} rows of {self.T}; keep --total-batch-size and --max-seq-len")
+                raise DataError(f"cannot resume the dataloader: saved with {st['R']} rows of {st['T']} tokens "
+                                f"per step, now {self.R} rows of {self.T}; keep --total-batch-size and --max-seq-len")
             if st["num_docs"] != self.index.num_docs:
-                raise ValueError(f"cannot resume the dataloader: the training shards changed "
-                                 f"({st['num_docs']} documents when saved, {self.index.num_docs} now)")
+                raise DataError(f"cannot resume the dataloader: the training shards changed "
+                                f"({st['num_docs']} documents when saved, {self.index.num_docs} now)")
             merged.update({int(j): s for j, s in st["streams"].items()})
         missing = [j for j in self.streams if j not in merged]
         if missing:
-            raise ValueError(f"dataloader state lacks streams {missing[:5]}...: pass every rank's loader state")
+            raise DataError(f"dataloader state lacks streams {missing[:5]}...: pass every rank's loader state")
         for j in self.streams:
             self.next[j] = merged[j]["next"]
             self.buffer[j] = [list(d) for d in merged[j]["buffer"]]
 
 
 def eval_batches(tokenizer, B, T, split="val", steps=1, rank=0, world_size=1, device="cpu", data_dir=None):
-    """A fresh loader over the split for evaluation: the same tokens every time it is called, and the same
-    rows for any world size with the same total (steps * B * world_size rows): every row is the first
-    row of its own stream, and each rank evaluates the streams it owns. A small packing buffer keeps the
-    documents tokenized close to the documents evaluated (one stream per row)."""
+    """A fresh loader over the split for evaluation: the same tokens on every call and for any world size
+    with the same total (steps * B * world_size rows), as every row is the first row of its own stream.
+    A small packing buffer keeps the documents tokenized close to the documents evaluated."""
     loader = DataLoader(tokenizer, B, T, split, rows_per_step=steps * B * world_size, rank=rank,
                         world_size=world_size, device=device, data_dir=data_dir, buffer_docs=4)
     for _ in range(steps):

@@ -5,14 +5,12 @@ A shard is a parquet file with a single `text` column (one document per row), zs
 row groups of 1024 documents, named shard_NNNNN.parquet in <base dir>/base_data/. The last shard by
 name is the validation split and all others are training, so at least two are needed. Row groups are
 the unit of reading: under torchrun, rank r reads row groups r, r+W, r+2W, ... of every shard.
-
-Two ways to get shards:
-    python -m nanochat.dataset download -n 8     # ClimbMix from the HuggingFace hub (+ its val shard)
-    python -m nanochat.dataset import DIR [DIR2 ...]  # your own .txt / .jsonl(.gz) / .parquet files
-    python -m nanochat.dataset info              # what is there
-
 base_data/source.json records where the shards came from, so a download never mixes into imported
 shards (or another hub dataset) and a hub download without its validation shard is caught.
+
+    python -m nanochat.dataset download -n 8          # ClimbMix from the HuggingFace hub (+ its val shard)
+    python -m nanochat.dataset import DIR [DIR2 ...]  # your own .txt / .jsonl(.gz) / .parquet files
+    python -m nanochat.dataset info                   # what is there
 """
 
 import os
@@ -59,8 +57,7 @@ def shard_name(index):
 
 
 def _shard_names(data_dir):
-    """Shard file names in data_dir, sorted. In-flight downloads (*.partial) and temp files
-    (*.tmpPID) do not end in .parquet, so they are never picked up."""
+    """Shard file names in data_dir, sorted (in-flight *.partial and *.tmpPID files are not shards)."""
     if not os.path.isdir(data_dir):
         return []
     return sorted(f for f in os.listdir(data_dir)
@@ -68,7 +65,7 @@ def _shard_names(data_dir):
 
 
 def read_source(data_dir=None):
-    """The contents of base_data/source.json (where the shards came from), or None."""
+    """base_data/source.json (where the shards came from), or None."""
     try:
         with open(os.path.join(data_dir or get_data_dir(), SOURCE_FILE)) as f:
             return json.load(f)
@@ -157,11 +154,11 @@ def hub_endpoint(base_url=None):
 
 
 def fetch_manifest(source, endpoint, data_dir, retries=3, timeout=30, backoff=2.0):
-    """{file name: {"size", "sha256"}} for the source's hub repo, from the cached
-    base_data/manifest_<source>.json or the hub's tree API (fetched once, following Link: rel=next
-    pages). None when the listing cannot be had (then downloads are checked by length and footer only).
-    Raises DataError when the hub cannot be reached at all: every download would fail the same way."""
+    """{file name: {"size", "sha256"}} of the source's hub repo, cached in base_data/manifest_<source>.json,
+    else from the hub's tree API (following Link: rel=next pages); None when there is no listing.
+    DataError when the hub cannot be reached at all: every download would fail the same way."""
     import requests
+    from urllib3.util import Retry
 
     cache = os.path.join(data_dir, f"manifest_{source}.json")
     try:
@@ -171,17 +168,13 @@ def fetch_manifest(source, endpoint, data_dir, retries=3, timeout=30, backoff=2.
         pass
     repo = SOURCES[source]["repo"]
     url, files = f"{endpoint}/api/datasets/{repo}/tree/main", {}
+    http = requests.Session()  # retried with exponential backoff on connection errors and 429/5xx
+    http.mount(endpoint, requests.adapters.HTTPAdapter(max_retries=Retry(
+        total=retries - 1, backoff_factor=backoff, status_forcelist=(429, 500, 502, 503, 504), raise_on_status=False)))
     try:
         while url:
-            for attempt in range(1, retries + 1):
-                try:
-                    r = requests.get(url, timeout=timeout)
-                    r.raise_for_status()
-                    break
-                except requests.RequestException:
-                    if attempt == retries:
-                        raise
-                    time.sleep(backoff ** attempt if backoff > 0 else 0)
+            r = http.get(url, timeout=timeout)
+            r.raise_for_status()
             for entry in r.json():
                 if entry.get("type", "file") == "file":
                     lfs = entry.get("lfs") or {}
@@ -203,10 +196,9 @@ def fetch_manifest(source, endpoint, data_dir, retries=3, timeout=30, backoff=2.
 
 def download_shards(indices, num_workers=4, source="climbmix", base_url=None, progress=True,
                     data_dir=None, retries=5, backoff=2.0, timeout=30):
-    """Download train shards `indices` of a hub dataset, plus its validation shard, into base_data/
-    with a thread pool. Each file is resumable, retried, checked against the hub's size and sha256,
-    renamed into place only when complete, and opened as parquet. Returns the shard paths.
-    Raises DataError listing every shard that failed (the others are kept)."""
+    """Download train shards `indices` of a hub dataset, plus its validation shard, into base_data/ with
+    a thread pool: each file resumable, retried, checked against the hub's size and sha256, renamed into
+    place when complete and opened as parquet. Returns the paths; DataError lists every shard that failed."""
     if source not in SOURCES:
         raise DataError(f"unknown source {source!r}: use one of {', '.join(SOURCES)}")
     repo, max_shard = SOURCES[source]["repo"], SOURCES[source]["max_shard"]
@@ -214,7 +206,7 @@ def download_shards(indices, num_workers=4, source="climbmix", base_url=None, pr
     bad = [i for i in indices if not 0 <= i <= max_shard]
     if bad:
         raise DataError(f"shard indices {bad[:5]} out of range: {source} has shards 0..{max_shard} "
-                         f"({max_shard} is the validation shard)")
+                        f"({max_shard} is the validation shard)")
     data_dir = data_dir or get_data_dir()
     os.makedirs(data_dir, exist_ok=True)
     # Hub shards next to shards from somewhere else would break the split rule and val loss.
@@ -282,8 +274,8 @@ _SEPARATORS = ("\n\n", "\n", ". ", " ")  # paragraph, line, sentence, word: coar
 
 
 def split_text(text, max_chars, separators=_SEPARATORS):
-    """Cut text into consecutive pieces of at most max_chars, preferring paragraph breaks, then line
-    breaks, sentence ends and spaces (hard cuts only when none is left). "".join(pieces) == text."""
+    """Cut text into consecutive pieces of at most max_chars at the coarsest separators that allow it
+    (hard cuts only when none is left). "".join(pieces) == text."""
     if len(text) <= max_chars:
         return [text] if text else []
     seps = [s for s in separators if s in text]
@@ -330,18 +322,17 @@ def file_texts(path):
     elif low.endswith(".parquet"):
         try:
             pf = pq.ParquetFile(path)
+            texts = pf.read(columns=["text"]).column("text").to_pylist() if "text" in pf.schema_arrow.names else None
         except (pa.ArrowException, OSError) as e:
             raise DataError(f"{path}: not a readable parquet file ({e})") from e
-        if "text" not in pf.schema_arrow.names:
+        if texts is None:
             raise DataError(f"{path}: parquet files to import need a 'text' column (it has {pf.schema_arrow.names})")
-        for rg in range(pf.num_row_groups):
-            yield from (t for t in pf.read_row_group(rg, columns=["text"]).column("text").to_pylist() if t)
+        yield from (t for t in texts if t)
 
 
 def documents_from_file(path, doc_chars=20_000):
-    """The documents an import makes of one file: its texts cut at paragraph/line/sentence
-    boundaries into pieces of at most doc_chars (None or 0 = no cutting), stripped, empties dropped.
-    A book is many documents, not one: the dataloader crops documents longer than a row."""
+    """An import's documents from one file: its texts cut into pieces of at most doc_chars (0/None: uncut),
+    stripped, empties dropped. A book is many documents: the dataloader crops documents longer than a row."""
     for text in file_texts(path):
         for piece in (split_text(text, doc_chars) if doc_chars else [text]):
             if piece := piece.strip():
@@ -349,8 +340,7 @@ def documents_from_file(path, doc_chars=20_000):
 
 
 def find_import_files(src_dir, exclude=None):
-    """Importable files under src_dir (recursive, sorted, hidden entries and `exclude` skipped) and
-    the number of other files ignored."""
+    """(importable files under src_dir, recursive, sorted, hidden and `exclude` skipped; how many others)."""
     found, ignored = [], 0
     exclude = os.path.realpath(exclude) if exclude else None
     for root, dirs, files in os.walk(src_dir):
@@ -366,17 +356,13 @@ def find_import_files(src_dir, exclude=None):
 def import_local(src_dirs, val_fraction=0.05, shard_chars=250_000_000, seed=42, doc_chars=20_000,
                  overwrite=False, data_dir=None, row_group_size=None, progress=True):
     """Turn one folder (or a list of folders) of .txt / .jsonl(.gz) / .parquet files into shards in
-    base_data/: documents (see documents_from_file) are shuffled together with `seed`, the last
-    val_fraction of them (at least one doc, at least one full row group when the corpus has 10 or
-    more) become the validation shard, the rest go to train shards that close at shard_chars
-    characters. Returns the shard paths."""
+    base_data/: documents shuffled together with `seed`, the last val_fraction of them (at least one doc,
+    and a full row group when there are 10 or more) in the validation shard, the rest in train shards
+    of about shard_chars characters. Returns the shard paths."""
     t0 = time.time()
     src_dirs = [src_dirs] if isinstance(src_dirs, (str, os.PathLike)) else list(src_dirs)
     if not src_dirs:
         raise DataError("no import source given: name at least one folder")
-    for src_dir in src_dirs:
-        if not os.path.isdir(src_dir):
-            raise DataError(f"import source {str(src_dir)!r} is not a directory")
     if not 0 < val_fraction < 1:
         raise DataError(f"val_fraction (--val-fraction) must be between 0 and 1, got {val_fraction}")
     if shard_chars <= 0:
@@ -385,9 +371,10 @@ def import_local(src_dirs, val_fraction=0.05, shard_chars=250_000_000, seed=42, 
         raise DataError(f"row_group_size (--row-group-size) must be at least 1, got {row_group_size}")
     data_dir = data_dir or get_data_dir()
     os.makedirs(data_dir, exist_ok=True)
-    real_data = os.path.realpath(data_dir)
-    real_srcs = [os.path.realpath(d) for d in src_dirs]
+    real_data, real_srcs = os.path.realpath(data_dir), [os.path.realpath(d) for d in src_dirs]
     for src_dir, real_src in zip(src_dirs, real_srcs):
+        if not os.path.isdir(src_dir):
+            raise DataError(f"import source {str(src_dir)!r} is not a directory")
         if real_src == real_data or real_src.startswith(real_data + os.sep):
             raise DataError(f"cannot import {src_dir} into itself ({data_dir}): point import at your source files")
     existing = _shard_names(data_dir)
@@ -414,10 +401,7 @@ def import_local(src_dirs, val_fraction=0.05, shard_chars=250_000_000, seed=42, 
         raise DataError(f"{where} yielded {n} document(s); need at least 2 (one for train, one for val)")
     random.Random(seed).shuffle(docs)
 
-    n_val = max(1, round(val_fraction * n))
-    if n >= 10 * ROW_GROUP_SIZE:
-        n_val = max(n_val, ROW_GROUP_SIZE)
-    n_val = min(n_val, n - 1)
+    n_val = min(max(1, round(val_fraction * n), ROW_GROUP_SIZE if n >= 10 * ROW_GROUP_SIZE else 1), n - 1)
     # Row groups are what ranks stride over, so a small corpus gets smaller groups: the val shard
     # keeps >= 8 of them and up to 8 ranks all get val data.
     rg = row_group_size or min(ROW_GROUP_SIZE, max(1, n_val // 8))
@@ -483,10 +467,11 @@ def print_info(data_dir=None):
     print(f"{'shard':<22}{'split':<7}{'docs':>12}{'row groups':>12}{'MB on disk':>12}{'MB text':>10}")
     for k, name in enumerate(names):
         split = "val" if k == len(names) - 1 and len(names) > 1 else "train"
-        size = os.path.getsize(os.path.join(data_dir, name))
+        path = os.path.join(data_dir, name)
+        size = os.path.getsize(path)
         total_bytes += size
         try:
-            md = open_shard(os.path.join(data_dir, name)).metadata
+            md = open_shard(path).metadata
         except DataError as e:
             print(f"{name:<22}{split:<7}  UNREADABLE: {e}")
             continue
@@ -499,33 +484,29 @@ def print_info(data_dir=None):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m nanochat.dataset", description=__doc__.split("\n\n")[0].strip(),
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m nanochat.dataset", description=__doc__.split("\n\n")[0].strip())
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("download", help="download pretraining shards from the HuggingFace hub")
-    p.add_argument("-n", "--num-files", type=int, default=8,
-                   help="number of train shards to fetch, shards 0..n-1 (-1 = all of them; ~100 MB each); "
-                        "the validation shard is always fetched too (default: 8)")
-    p.add_argument("-w", "--num-workers", type=int, default=4, help="parallel downloads (default: 4)")
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+    p = sub.add_parser("download", help="download pretraining shards from the HuggingFace hub", formatter_class=fmt)
+    p.add_argument("-n", "--num-files", type=int, default=8, help="number of train shards to fetch, shards 0..n-1 "
+                   "(-1 = all of them; ~100 MB each); the validation shard is always fetched too")
+    p.add_argument("-w", "--num-workers", type=int, default=4, help="parallel downloads")
     p.add_argument("--source", choices=sorted(SOURCES), default="climbmix",
-                   help="which hub dataset: climbmix (current) or fineweb (legacy FineWeb-EDU) (default: climbmix)")
-    p.add_argument("--endpoint", default=None,
-                   help=f"hub base URL, e.g. a mirror (default: $NANOCHAT_HF_ENDPOINT, $HF_ENDPOINT or {DEFAULT_ENDPOINT})")
-    p.add_argument("--retries", type=int, default=5, help="attempts per file before giving up (default: 5)")
-    p = sub.add_parser("import", help="turn folders of local .txt/.jsonl(.gz)/.parquet files into shards")
+                   help="which hub dataset: climbmix (current) or fineweb (legacy FineWeb-EDU)")
+    p.add_argument("--endpoint", help=f"hub base URL, e.g. a mirror (None: $NANOCHAT_HF_ENDPOINT, $HF_ENDPOINT "
+                   f"or {DEFAULT_ENDPOINT})")
+    p.add_argument("--retries", type=int, default=5, help="attempts per file before giving up")
+    p = sub.add_parser("import", help="turn folders of local .txt/.jsonl(.gz)/.parquet files into shards",
+                       formatter_class=fmt)
     p.add_argument("src_dirs", nargs="+", metavar="src_dir",
                    help="folder(s) to import, each searched recursively; their documents are shuffled together")
-    p.add_argument("--val-fraction", type=float, default=0.05,
-                   help="fraction of documents held out in the validation shard (default: 0.05)")
-    p.add_argument("--shard-chars", type=int, default=250_000_000,
-                   help="characters per train shard before a new one starts (default: 250000000)")
-    p.add_argument("--doc-chars", type=int, default=20_000,
-                   help="cut longer texts (e.g. whole books) into documents of at most this many characters "
-                        "at paragraph/line/sentence boundaries; 0 = never cut (default: 20000)")
-    p.add_argument("--row-group-size", type=int, default=None,
-                   help="documents per parquet row group (default: 1024, less for small corpora so the "
-                        "val shard has at least 8 row groups)")
-    p.add_argument("--seed", type=int, default=42, help="seed of the document shuffle (default: 42)")
+    p.add_argument("--val-fraction", type=float, default=0.05, help="fraction of documents held out for validation")
+    p.add_argument("--shard-chars", type=int, default=250_000_000, help="characters per train shard")
+    p.add_argument("--doc-chars", type=int, default=20_000, help="cut longer texts (e.g. whole books) into documents "
+                   "of at most this many characters at paragraph/line/sentence boundaries; 0 = never cut")
+    p.add_argument("--row-group-size", type=int, help="documents per parquet row group (None: 1024, less for small "
+                   "corpora so the val shard has at least 8 row groups)")
+    p.add_argument("--seed", type=int, default=42, help="seed of the document shuffle")
     p.add_argument("--overwrite", action="store_true", help="delete the shards already in base_data first")
     sub.add_parser("info", help="list the shards in base_data: split, documents, sizes")
     args = parser.parse_args(argv)

@@ -1,13 +1,13 @@
 """
 The BPE tokenizer: training (the compiled `rustbpe` trainer from PyPI), fast encoding (tiktoken),
-the chat special tokens, the one place the conversation format is defined (render_conversation ->
-token ids + loss mask), saving/loading without pickle, a fingerprint that checkpoints record, and
-token_bytes (raw UTF-8 byte length of every token) for the bits-per-byte metric.
+the chat special tokens, the one place the conversation format is defined (check_conversation,
+render_conversation -> token ids + loss mask), saving/loading without pickle, a fingerprint that
+checkpoints record, and token_bytes (raw UTF-8 byte length of every token) for bits per byte.
 
-Conversation format: {"messages": [{"role": "system"|"user"|"assistant", "content": str | [part, ...]}]}:
+Conversation format: {"messages": [{"role": "system"|"user"|"assistant", "content": str | [part, ...]}]},
 an optional leading system message (merged into the first user message), then user/assistant strictly
-alternating, starting with user. An assistant's content may be a list of parts {"type": "text"|"python"|
-"python_output", "text": str}: python parts are tool calls the engine runs, python_output parts are what
+alternating, starting with user. Assistant content may be a list of parts {"type": "text"|"python"|
+"python_output", "text": str}: python parts are tool calls the engine runs, python_output parts what
 the tool printed (never trained on).
 
 On disk (get_base_dir()/tokenizer/):
@@ -101,10 +101,9 @@ def read_tiktoken_file(path):
 
 
 def check_conversation(conversation, complete=False):
-    """Check a conversation against the format above and return its turns [(message index, role,
-    content)], a leading system message merged into the first user turn. ValueError says what is wrong.
-    complete=True (training and eval data): also at least one exchange, ending with the assistant,
-    and no empty message."""
+    """The turns [(message index, role, content)] of a conversation in the format above (the system
+    message merged in), or a ValueError saying what is wrong. complete=True (training and eval data):
+    also at least one exchange, ending with the assistant, and no empty message."""
     if not isinstance(conversation, dict) or not isinstance(conversation.get("messages"), list):
         raise ValueError("a conversation must be a dict {'messages': [{'role': ..., 'content': ...}, ...]}")
     messages = conversation["messages"]
@@ -139,8 +138,7 @@ def check_conversation(conversation, complete=False):
     if system is not None:
         if not turns:
             raise ValueError("conversation has a system message but no user message to merge it into")
-        i, role, content = turns[0]
-        turns[0] = (i, role, system + "\n\n" + content)
+        turns[0] = (turns[0][0], "user", system + "\n\n" + turns[0][2])
     if complete and len(turns) < 2:
         raise ValueError(f"need at least a user and an assistant message, got {len(turns)} "
                          f"message(s) besides the system prompt")
@@ -157,17 +155,12 @@ class Tokenizer:
     def __init__(self, pattern, mergeable_ranks, special_tokens, bos_token, name="nanochat"):
         if bos_token not in special_tokens:
             raise ValueError(f"bos token {bos_token!r} is not among the special tokens {sorted(special_tokens)}")
-        self.name = name
-        self._pattern = pattern
-        self._ranks = dict(mergeable_ranks)
-        self._special = dict(special_tokens)
-        self._bos_token = bos_token
+        self.name, self._pattern, self._bos_token = name, pattern, bos_token
+        self._ranks, self._special = dict(mergeable_ranks), dict(special_tokens)
         self.enc = tiktoken.Encoding(name, pat_str=pattern, mergeable_ranks=self._ranks, special_tokens=self._special)
-        self._fingerprint = None
-        self._token_bytes = None
+        self._fingerprint = self._token_bytes = None  # computed on first use
 
     # --- construction and persistence ----------------------------------------------
-
     @classmethod
     def train(cls, text_iterator, vocab_size, buffer_size=8192):
         """Train on an iterator of str. vocab_size counts the 256 bytes, the merges and the specials."""
@@ -241,12 +234,11 @@ class Tokenizer:
             ranks = read_tiktoken_file(paths["tokenizer.tiktoken"])
         except ValueError as e:
             raise corrupt(str(e))
-        if sorted(ranks.values()) != list(range(len(ranks))):
-            raise corrupt(f"{paths['tokenizer.tiktoken']}: ranks are not 0..{len(ranks) - 1}")
         try:
             tok = cls(pattern, ranks, special, bos_token=bos, name=meta.get("name", "nanochat"))
         except Exception as e:
             raise corrupt(f"cannot build the encoding: {e}")
+        # Any other damage to the ranks file (lines lost or altered) changes the fingerprint.
         if tok.fingerprint != meta.get("fingerprint") or tok.get_vocab_size() != meta.get("vocab_size"):
             raise corrupt(f"fingerprint/vocab size in {paths['tokenizer.json']} do not match {paths['tokenizer.tiktoken']}")
         try:
@@ -258,7 +250,6 @@ class Tokenizer:
         return tok
 
     # --- identity ------------------------------------------------------------
-
     @property
     def fingerprint(self):
         """sha256 hex over pattern, mergeable ranks and special tokens: same fingerprint = same token ids."""
@@ -293,7 +284,6 @@ class Tokenizer:
             raise ValueError(f"{s!r} is not a special token of this tokenizer; known: {self.get_special_tokens()}")
 
     # --- encode / decode ------------------------------------------------------------
-
     def _as_id(self, x):
         if isinstance(x, str):
             return self.encode_special(x)
@@ -348,7 +338,6 @@ class Tokenizer:
         return self._token_bytes.clone()
 
     # --- conversations ------------------------------------------------------------
-
     def render_conversation(self, conversation, max_tokens=None):
         """Tokenize a conversation (format: module docstring) -> (ids, mask). mask[i] = 1 where the
         model is trained to predict ids[i]: assistant text, its python tool calls (with their
@@ -359,15 +348,13 @@ class Tokenizer:
         missing = [t for t in SPECIAL_TOKENS if t not in sp]
         if missing:
             raise ValueError(f"tokenizer {self.name!r} lacks the chat special tokens {missing}: use a nanochat-trained tokenizer")
-        ids, mask = [], []
+        ids, mask = [self.get_bos_token_id()], [0]
 
         def add(m, text=None, start=None, end=None):  # [<|start|>] text [<|end|>], all with mask m
             tokens = ([sp[start]] if start else []) + (self.encode(text) if text else []) + ([sp[end]] if end else [])
             ids.extend(tokens)
             mask.extend([m] * len(tokens))
 
-        ids.append(self.get_bos_token_id())
-        mask.append(0)
         for _, role, content in turns:
             if role == "user":
                 add(0, content, "<|user_start|>", "<|user_end|>")

@@ -21,22 +21,17 @@ BASELINES = [("gpt2", "r50k_base"), ("gpt4", "cl100k_base")]
 
 # Short built-in samples (written for this project) covering different kinds of text.
 SAMPLES = {
-    "news": (
-        "HARBOR CITY, March 4 — The city council voted 7-2 on Tuesday night to approve a $48 million plan "
+    "news": ("HARBOR CITY, March 4 — The city council voted 7-2 on Tuesday night to approve a $48 million plan "
         "to rebuild the aging seawall along the eastern waterfront, ending months of debate over who should "
         "pay for the project. Supporters said the work, expected to begin next spring, would protect roughly "
         "1,200 homes and several small businesses from storm surges that have grown more frequent since 2015. "
         "\"We can't keep patching this wall with sandbags,\" said councilmember Ana Ruiz, who sponsored the "
         "measure. Opponents argued that the cost estimate relied on outdated figures and warned of delays. "
-        "The mayor is expected to sign the measure by Friday."
-    ),
-    "korean": (
-        "오늘 아침에는 비가 조금 내렸지만 오후가 되자 하늘이 맑게 개었다. 우리는 도서관에 가서 새로 들어온 "
+        "The mayor is expected to sign the measure by Friday."),
+    "korean": ("오늘 아침에는 비가 조금 내렸지만 오후가 되자 하늘이 맑게 개었다. 우리는 도서관에 가서 새로 들어온 "
         "과학 잡지를 읽고, 근처 공원을 천천히 산책했다. 저녁에는 친구들과 함께 김치찌개를 끓여 먹으면서 "
-        "다음 주에 떠날 여행 계획을 세웠다. 기차표는 이미 예매했고, 숙소는 바닷가 근처의 작은 민박으로 정했다."
-    ),
-    "code": (
-        "import heapq\n\n\n"
+        "다음 주에 떠날 여행 계획을 세웠다. 기차표는 이미 예매했고, 숙소는 바닷가 근처의 작은 민박으로 정했다."),
+    "code": ("import heapq\n\n\n"
         "def dijkstra(graph: dict[str, list[tuple[str, float]]], source: str) -> dict[str, float]:\n"
         "    \"\"\"Shortest distances from source in a graph with non-negative edge weights.\"\"\"\n"
         "    dist = {source: 0.0}\n"
@@ -50,23 +45,18 @@ SAMPLES = {
         "            if nd < dist.get(neighbor, float(\"inf\")):\n"
         "                dist[neighbor] = nd\n"
         "                heapq.heappush(queue, (nd, neighbor))\n"
-        "    return dist\n"
-    ),
-    "math": (
-        "\\begin{theorem}\nLet $f:[a,b]\\to\\mathbb{R}$ be continuous on $[a,b]$ and differentiable on $(a,b)$. "
+        "    return dist\n"),
+    "math": ("\\begin{theorem}\nLet $f:[a,b]\\to\\mathbb{R}$ be continuous on $[a,b]$ and differentiable on $(a,b)$. "
         "Then there exists $c\\in(a,b)$ such that\n\\begin{equation}\n  f'(c) = \\frac{f(b)-f(a)}{b-a}.\n"
         "\\end{equation}\n\\end{theorem}\n\\begin{proof}\nDefine $g(x) = f(x) - \\frac{f(b)-f(a)}{b-a}(x-a)$. "
         "Then $g(a)=g(b)=f(a)$, so by Rolle's theorem there is $c\\in(a,b)$ with $g'(c)=0$, which is the claim. "
-        "\\qed\n\\end{proof}\nFor example, $\\sum_{k=1}^{n} k^2 = \\frac{n(n+1)(2n+1)}{6}$.\n"
-    ),
-    "science": (
-        "Photosynthesis converts light energy into chemical energy stored in glucose. In the light-dependent "
+        "\\qed\n\\end{proof}\nFor example, $\\sum_{k=1}^{n} k^2 = \\frac{n(n+1)(2n+1)}{6}$.\n"),
+    "science": ("Photosynthesis converts light energy into chemical energy stored in glucose. In the light-dependent "
         "reactions, which take place in the thylakoid membranes of the chloroplast, photons excite electrons in "
         "chlorophyll a (absorption peaks near 430 nm and 662 nm). The resulting electron transport chain pumps "
         "protons across the membrane, and ATP synthase uses this gradient to produce ATP, while NADP+ is reduced "
         "to NADPH. In the Calvin cycle, the enzyme RuBisCO fixes CO2 onto ribulose-1,5-bisphosphate; overall, "
-        "6 CO2 + 6 H2O + light -> C6H12O6 + 6 O2."
-    ),
+        "6 CO2 + 6 H2O + light -> C6H12O6 + 6 O2."),
 }
 
 
@@ -127,11 +117,9 @@ def main(argv=None):
     ours = get_tokenizer()
     baselines = {label: Tokenizer.from_tiktoken_file(stock_tiktoken_path(name), name) for label, name in BASELINES}
 
-    # (label, where the text came from, text)
-    texts = [(label, "built-in", t) for label, t in SAMPLES.items()]
-    texts += [(label, "NANOCHAT_LOCAL_DATA/pretrain_text", t) for label, t in local_pretrain_samples(args.max_chars).items()]
-    texts += [(label, "first row group of the shards", t) for label, t in shard_samples(args.max_chars).items()]
-
+    texts = [(label, source, text) for source, samples in [
+        ("built-in", SAMPLES), ("NANOCHAT_LOCAL_DATA/pretrain_text", local_pretrain_samples(args.max_chars)),
+        ("first row group of the shards", shard_samples(args.max_chars))] for label, text in samples.items()]
     rows = []
     for label, source, text in texts:
         nbytes = len(text.encode("utf-8"))
@@ -140,12 +128,13 @@ def main(argv=None):
             n = len(tok.encode(text))
             row[f"{name}_tokens"] = n
             row[f"{name}_bytes_per_token"] = round(nbytes / max(n, 1), 4)
-        for name in baselines:
-            # positive = we need fewer tokens than the baseline for the same text
-            row[f"diff_vs_{name}_pct"] = round(100.0 * (row[f"{name}_tokens"] - row["ours_tokens"]) / max(row[f"{name}_tokens"], 1), 2)
+        for name in baselines:  # positive = we need fewer tokens than the baseline for the same text
+            theirs = row[f"{name}_tokens"]
+            row[f"diff_vs_{name}_pct"] = round(100.0 * (theirs - row["ours_tokens"]) / max(theirs, 1), 2)
         rows.append(row)
 
-    header = f"{'text':<12} {'bytes':>9} {'ours':>9} {'B/tok':>6} {'gpt2':>9} {'B/tok':>6} {'gpt4':>9} {'B/tok':>6} {'vs gpt2':>8} {'vs gpt4':>8}"
+    header = (f"{'text':<12} {'bytes':>9} {'ours':>9} {'B/tok':>6} {'gpt2':>9} {'B/tok':>6} {'gpt4':>9} {'B/tok':>6} "
+              f"{'vs gpt2':>8} {'vs gpt4':>8}")
     print0(f"our tokenizer: vocab {ours.get_vocab_size():,}, fingerprint {ours.fingerprint[:16]}...")
     print0("relative diff = (baseline tokens - our tokens) / baseline tokens; positive = we compress better")
     print0(header)

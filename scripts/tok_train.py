@@ -60,11 +60,9 @@ def main(argv=None):
         tokenizer = Tokenizer.train(text_iterator(args.max_chars, args.doc_cap, stats), args.vocab_size)
     except UserError:
         raise
-    except ValueError as e:
-        if stats["chars"] == 0:
-            raise UserError("the train split yielded no text: import or download shards first "
-                            "(python -m nanochat.dataset --help)")
-        raise UserError(f"tokenizer training failed: {e}")
+    except ValueError as e:  # too little text for the vocab size
+        raise UserError(f"tokenizer training failed: {e}" if stats["chars"] else "the train split yielded no "
+                        "text: import or download shards first (python -m nanochat.dataset --help)")
     train_time = time.time() - t0
     print0(f"trained on {stats['chars']:,} chars from {stats['docs']:,} docs in {train_time:.2f}s")
 

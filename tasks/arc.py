@@ -3,7 +3,7 @@ ARC (AI2 Reasoning Challenge): grade-school science multiple choice, Easy and Ch
 Source: HuggingFace `allenai/ai2_arc`; locally eval_chat/arc/{subset}_{split}.jsonl in the same schema.
 """
 
-from tasks.common import Task, render_mc, load_rows, shuffled, letter_is_correct, check_choice, LETTERS
+from tasks.common import Task, mc_conversation, load_rows, shuffled, letter_is_correct, check_choice
 
 SUBSETS = ("ARC-Easy", "ARC-Challenge")
 SPLITS = ("train", "validation", "test")
@@ -21,14 +21,10 @@ class ARC(Task):
 
     def get_example(self, index):
         row = self.rows[index]
-        choices, labels = row["choices"]["text"], row["choices"]["label"]
-        # About 4% of questions are labelled 1-4 instead of A-D; present every question with letters
-        # (by position) so the model only ever answers with A, B, C, ...
-        letters = list(LETTERS[:len(choices)])
-        answer = letters[labels.index(row["answerKey"])]
-        return {"messages": [{"role": "user", "content": render_mc(row["question"], letters, choices)},
-                             {"role": "assistant", "content": answer}],
-                "letters": letters}
+        # About 4% of questions are labelled 1-4 instead of A-D; every question gets letters (by
+        # position), so the model only ever answers with A, B, C, ...
+        answer = row["choices"]["label"].index(row["answerKey"])
+        return mc_conversation(row["question"], row["choices"]["text"], answer)
 
     def evaluate(self, conversation, completion):
         return letter_is_correct(conversation, completion)

@@ -1,11 +1,8 @@
 """
 What every chat task shares: the Task base class (a sliceable list of conversations that can grade a
-completion), TaskMixture/TaskSequence to combine tasks, the multiple-choice prompt, a checker for the
-conversation format, and where task data comes from.
-
-The conversation format is defined (and rendered) in nanochat/tokenizer.py. Task conversations are
-complete: they end with the assistant's message. Categorical (multiple-choice) conversations also
-carry "letters", the allowed answer letters; the last assistant message is the correct one.
+completion), TaskMixture/TaskSequence to combine tasks, the multiple-choice prompt, the check of a task's
+conversations (the format itself is nanochat/tokenizer.py's: complete, i.e. ending with the assistant;
+multiple-choice ones also carry "letters", the allowed answers), and where task data comes from.
 
 Data: with NANOCHAT_LOCAL_DATA set (a folder laid out like ../shared/data) every task reads its local
 copy and never touches the network; otherwise it downloads the real source, usually the HuggingFace
@@ -18,6 +15,7 @@ import gzip
 import json
 import random
 import bisect
+import itertools
 
 from nanochat.common import UserError, get_base_dir, get_local_data_dir, download_file, atomic_write_json, DownloadError
 from nanochat.tokenizer import check_conversation
@@ -26,12 +24,10 @@ from nanochat.tokenizer import check_conversation
 # Task and its combinations
 
 class Task:
-    """A dataset as a list of conversations, viewed through range(start, stop, step).
-
-    Subclasses hold their data in self.rows and turn row i into a conversation in get_example(i)
-    (by default row i is the conversation), or override num_examples() too for generated data.
-    eval_type is "categorical", "generative", or None for training-only data; evals implement
-    evaluate(conversation, completion) -> bool."""
+    """A dataset as a list of conversations, viewed through range(start, stop, step). Subclasses keep
+    their data in self.rows and make row i a conversation in get_example(i) (by default it is one), or
+    override num_examples() for generated data. eval_type: "categorical", "generative", or None for
+    training data; evals implement evaluate(conversation, completion) -> bool."""
     eval_type = None
     rows = ()
 
@@ -62,8 +58,7 @@ class Task:
         return self.get_example(self._indices()[i])  # range raises IndexError when out of bounds
 
     def __iter__(self):
-        for i in self._indices():
-            yield self.get_example(i)
+        return map(self.get_example, self._indices())
 
     def evaluate(self, conversation, completion):
         raise NotImplementedError(f"{type(self).__name__} is training data: it has no evaluate()")
@@ -100,9 +95,7 @@ class TaskSequence(Task):
     def __init__(self, tasks, **kwargs):
         super().__init__(**kwargs)
         self.tasks = list(tasks)
-        self.offsets = [0]
-        for task in self.tasks:
-            self.offsets.append(self.offsets[-1] + len(task))
+        self.offsets = [0, *itertools.accumulate(len(task) for task in self.tasks)]
 
     def num_examples(self):
         return self.offsets[-1]
@@ -126,6 +119,13 @@ def render_mc(question, letters, choices):
         raise ValueError(f"{len(letters)} letters for {len(choices)} choices")
     lines = [f"Multiple Choice question: {question}"] + [f"- {c}={letter}" for letter, c in zip(letters, choices)]
     return "\n".join(lines) + "\n\nRespond only with the letter of the correct answer."
+
+
+def mc_conversation(question, choices, answer, **extra):
+    """A multiple-choice conversation: the prompt, the letter of choice `answer` as the reply, the letters."""
+    letters = list(LETTERS[:len(choices)])
+    return {"messages": [{"role": "user", "content": render_mc(question, letters, choices)},
+                         {"role": "assistant", "content": letters[answer]}], "letters": letters, **extra}
 
 
 def letter_is_correct(conversation, completion):
@@ -168,9 +168,8 @@ class DataUnavailableError(UserError, RuntimeError):
 
 
 def local_data_path(relpath, real_source):
-    """Path of `relpath` inside NANOCHAT_LOCAL_DATA, or None when that variable is unset (meaning:
-    download `real_source` instead). A set variable with the file missing is an error, never a
-    silent fall-back to the network."""
+    """Path of `relpath` in NANOCHAT_LOCAL_DATA, or None when it is unset (download `real_source` instead).
+    A set variable with the file missing is an error, never a silent fall-back to the network."""
     root = get_local_data_dir()
     if root is None:
         return None
@@ -196,10 +195,9 @@ def shuffled(rows, seed=42):
 
 
 def load_hub_parquet(repo, config, split):
-    """One split of a HuggingFace hub dataset as a pyarrow Table, from the hub's automatic parquet
-    export. The files are downloaded once to <base>/task_data/<owner--name>/<config>/<split>/ (under a
-    file lock, so concurrent ranks don't race); manifest.json is written last and marks them complete.
-    NANOCHAT_HF_ENDPOINT (or HF_ENDPOINT) points at a mirror instead of https://huggingface.co."""
+    """One split of a HuggingFace hub dataset (NANOCHAT_HF_ENDPOINT or HF_ENDPOINT: a mirror) as a pyarrow
+    Table, from the hub's parquet export, downloaded once to <base>/task_data/<owner--name>/<config>/<split>/
+    under a file lock (concurrent ranks don't race); manifest.json, written last, marks it complete."""
     import pyarrow as pa
     import pyarrow.parquet as pq
     from filelock import FileLock
@@ -237,8 +235,7 @@ def load_hub_parquet(repo, config, split):
 
 
 def load_rows(local_relpath, repo, config, split):
-    """Rows of a split as a list of dicts: the local jsonl copy when NANOCHAT_LOCAL_DATA is set,
-    else the hub's parquet export."""
+    """Rows of a split as a list of dicts: the local jsonl copy when NANOCHAT_LOCAL_DATA is set, else the hub's."""
     path = local_data_path(local_relpath, f"{repo} ({config}/{split}) from the HuggingFace hub")
     if path is not None:
         return read_jsonl(path)

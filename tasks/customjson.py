@@ -1,13 +1,9 @@
 """
-CustomJSON: your own conversations from a .jsonl file, one conversation per line, either
-    [{"role": "user", "content": "..."}, {"role": "assistant", "content": "..."}, ...]
-or
-    {"messages": [ ...the same list... ]}
-with an optional leading system message, then user/assistant alternating, ending with the assistant.
-Assistant content may also be a list of parts ({"type": "text"|"python"|"python_output", "text": ...}).
-
-The whole file is checked up front: every bad line is reported with its line number and what is
-wrong, in one error, so a file can be fixed in one go instead of one crash at a time.
+CustomJSON: your own conversations from a .jsonl file, one per line, either a JSON array of messages
+[{"role": "user", "content": "..."}, {"role": "assistant", "content": "..."}, ...] or an object
+{"messages": [...the same...]}, in the conversation format of nanochat/tokenizer.py, ending with the
+assistant. The whole file is checked up front and every bad line reported (line number and what is
+wrong) in one error, so a file can be fixed in one go instead of one crash at a time.
 """
 
 import os
@@ -24,14 +20,11 @@ def parse_line(line):
         row = json.loads(line.rstrip())  # without the newline, so an unclosed line's error column is its end
     except json.JSONDecodeError as e:
         raise ValueError(f"invalid JSON ({e.msg} at column {e.colno})")
-    if isinstance(row, dict):
-        if "messages" not in row:
-            raise ValueError("an object line needs a 'messages' list")
-        messages = row["messages"]
-    elif isinstance(row, list):
-        messages = row
-    else:
+    if not isinstance(row, (dict, list)):
         raise ValueError(f"expected a JSON array of messages or an object with 'messages', got {type(row).__name__}")
+    if isinstance(row, dict) and "messages" not in row:
+        raise ValueError("an object line needs a 'messages' list")
+    messages = row["messages"] if isinstance(row, dict) else row
     if not isinstance(messages, list):
         raise ValueError(f"'messages' must be a list, got {type(messages).__name__}")
     return validate_conversation({"messages": [

@@ -20,8 +20,7 @@ def extract_program(completion):
 
 
 def prompt_imports(prompt):
-    """The prompt's top-level import lines: the completion often uses them (List, math) without
-    repeating them."""
+    """The prompt's top-level import lines: completions often use them (List, math) without repeating them."""
     return [line for line in prompt.splitlines() if line.startswith(("import ", "from "))]
 
 

@@ -1,11 +1,10 @@
 """
 Identity: synthetic conversations that teach the model its own name and who made it.
 
-Built from question/answer templates with {{name}} and {{author}} placeholders: the 91 in
-chat_sft/llamafactory_demo/identity.json (LLaMA-Factory's identity set, mostly Chinese, some English)
-when NANOCHAT_LOCAL_DATA provides it, else a small built-in English set. Each example strings 1-3
-distinct templates into one conversation, chosen by its own random.Random(f"{seed}:{index}").
-For richer identity data, write your own conversations and load them with CustomJSON.
+Built from question/answer templates with {{name}} and {{author}} placeholders: the 91 of LLaMA-Factory's
+identity set (chat_sft/llamafactory_demo/identity.json, mostly Chinese) when NANOCHAT_LOCAL_DATA has it,
+else a small built-in English set. Each example strings 1-3 distinct templates into one conversation,
+chosen by its own random.Random(f"{seed}:{index}"). For richer identity data, use CustomJSON.
 """
 
 import os

@@ -5,7 +5,7 @@ locally eval_chat/mmlu/mmlu_{dev,test}.jsonl ({subject, question, choices, answe
 """
 
 from nanochat.common import get_local_data_dir
-from tasks.common import Task, render_mc, load_rows, shuffled, letter_is_correct, check_choice, LETTERS
+from tasks.common import Task, mc_conversation, load_rows, shuffled, letter_is_correct, check_choice
 
 SPLITS = ("auxiliary_train", "validation", "dev", "test")
 LOCAL_SPLITS = ("dev", "test")
@@ -36,10 +36,7 @@ class MMLU(Task):
 
     def get_example(self, index):
         row = self.rows[index]
-        letters = list(LETTERS[:len(row["choices"])])
-        return {"messages": [{"role": "user", "content": render_mc(row["question"], letters, row["choices"])},
-                             {"role": "assistant", "content": letters[row["answer"]]}],
-                "letters": letters, "subject": row["subject"]}
+        return mc_conversation(row["question"], row["choices"], row["answer"], subject=row["subject"])
 
     def evaluate(self, conversation, completion):
         return letter_is_correct(conversation, completion)

@@ -2,20 +2,18 @@
 SmolTalk: general multi-turn chat for SFT. Source: HuggingFace `HuggingFaceTB/smol-smoltalk`
 (train ~460K, test ~24K conversations, already in our message format).
 
-Offline stand-in (NANOCHAT_LOCAL_DATA set): the real assistant conversations of chat_sft/ (LOCAL_SOURCES:
-ShareGPT, LIMA, GPTeacher roleplay and codegen, the LLaMA-Factory alpaca demo), normalised to our format:
-roles mapped to user/assistant, empty messages dropped, leading assistant and trailing user messages
-trimmed, and a conversation whose roles still don't alternate dropped. About 5% of them, chosen by a hash
-of the first user message (so repeated prompts land on the same side), form the test split. Left out:
-fastchat's dummy conversations (all say "I am Vicuna, trained by LMSYS", which would fight the Identity
-task), questions without answers, gpteacher/toolformer (a tool syntax our engine does not run), and the
-folders that are not assistant conversations (chit-chat, preference pairs, function-call transcripts).
+Offline stand-in (NANOCHAT_LOCAL_DATA set): the assistant conversations in chat_sft/ (LOCAL_SOURCES),
+normalised: roles mapped to user/assistant, empty messages dropped, leading assistant and trailing user
+messages trimmed, conversations that still don't alternate dropped. About 5% of them, by a hash of the
+first user message (repeated prompts land on the same side), are the test split. Left out: fastchat's
+dummy conversations (all "I am Vicuna, trained by LMSYS", which would fight the Identity task), questions
+without answers, gpteacher/toolformer (a tool syntax our engine does not run), and folders that are not
+assistant conversations (chit-chat, preference pairs, function-call transcripts).
 
-As pretraining text: `python -m tasks.smoltalk OUT.jsonl` writes the train split as plain-text
-documents ("User: ..." / "Assistant: ..." paragraphs) that `python -m nanochat.dataset import` reads.
-Offline the train split is 103M characters, six times pretrain_text/ (16.5M, which a d4 overfits after
-about 3 epochs). Only the train split is written unless asked: the chat evals take their prompts from
-the test split.
+`python -m tasks.smoltalk OUT.jsonl` writes the train split as plain-text pretraining documents ("User:
+..." / "Assistant: ..." paragraphs) for `python -m nanochat.dataset import`: offline 103M characters, six
+times pretrain_text/ (16.5M, which a d4 overfits after about 3 epochs). The test split is written only
+when asked: the chat evals take their prompts from it.
 """
 
 import os
@@ -44,9 +42,8 @@ def normalise(messages):
         body = body[1:]
     while body and body[-1]["role"] == "user":  # a question left without an answer
         body = body[:-1]
-    conversation = {"messages": system + body}
     try:
-        return validate_conversation(conversation)
+        return validate_conversation({"messages": system + body})
     except ValueError:
         return None
 
@@ -66,11 +63,8 @@ def _sharegpt(path):
 def _lima(path):
     with open(path, encoding="utf-8") as f:
         for row in json.load(f):
-            turns = []
-            for question, answer in row.get("history") or []:
-                turns += [("user", question), ("assistant", answer)]
-            turns += [("user", _instruction(row["instruction"], row.get("input"))), ("assistant", row["output"])]
-            yield turns
+            turns = [t for q, a in row.get("history") or [] for t in (("user", q), ("assistant", a))]
+            yield turns + [("user", _instruction(row["instruction"], row.get("input"))), ("assistant", row["output"])]
 
 
 def _instruct(path, output_key):

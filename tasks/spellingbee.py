@@ -7,11 +7,10 @@ dwyl/english-words list from GitHub):
   spell: "Spell the word: apple" -> "apple:a,p,p,l,e"
   count: "How many r are in strawberry?" -> spell the word, walk its letters keeping a count, check
          with the python tool ('strawberry'.count('r') -> 3), and end with "#### 3".
-Each example is generated from its own random.Random(seed): seed = index for train and
-10,000,000 + index for test (seeds -(i+1) would collide, since Random(-x) == Random(x)). The two
-splits also draw from disjoint halves of the word list (by a hash of the word), so test words are
-never trained on.
-Targets never start with a space: "apple:a,p,..." must tokenize the same as the model will write it.
+Each example comes from its own random.Random(seed): seed = index for train, 10,000,000 + index for
+test (seeds -(i+1) would collide, since Random(-x) == Random(x)). The splits draw from disjoint parts of
+the word list (90/10 by a hash of the word), so test words are never trained on. Targets never start
+with a space: "apple:a,p,..." must tokenize the same as the model will write it.
 """
 
 import os
@@ -57,18 +56,14 @@ def load_words():
             raise DataUnavailableError(f"could not download the word list from {WORDS_URL}: {e}. Put "
                                        f"words_alpha.txt at {path}, or set NANOCHAT_LOCAL_DATA.") from e
     with open(path, encoding="utf-8") as f:
-        words = [w.strip() for w in f]
-    return [w for w in words if w.isascii() and w.isalpha() and w.islower()]
-
-
-def word_split(word):
-    """Which split a word belongs to, by a stable hash (crc32: Python's hash() changes every run)."""
-    return "test" if zlib.crc32(word.encode()) % 1000 < TEST_WORD_FRACTION * 1000 else "train"
+        return [w for w in map(str.strip, f) if w.isascii() and w.isalpha() and w.islower()]
 
 
 @functools.lru_cache(maxsize=2)
 def split_words(split):
-    return [w for w in load_words() if word_split(w) == split]
+    """The words of a split, by a stable hash (crc32: Python's hash() changes every run)."""
+    want_test = split == "test"
+    return [w for w in load_words() if (zlib.crc32(w.encode()) % 1000 < TEST_WORD_FRACTION * 1000) == want_test]
 
 
 def spelled(word):
@@ -100,15 +95,10 @@ def count_example(rng, word):
     manual = (f"Let me spell the word out first:\n{spelled(word)}\n\n"
               f"Now I go through it letter by letter, counting the letter {letter}:\n" + "\n".join(lines) +
               f"\n\nThis gives us {count}.\n\nLet me double check with Python:\n\n")
-    return {"messages": [
-        {"role": "user", "content": question},
-        {"role": "assistant", "content": [
-            {"type": "text", "text": manual},
-            {"type": "python", "text": f"'{word}'.count('{letter}')"},
-            {"type": "python_output", "text": str(count)},
-            {"type": "text", "text": f"\n\nBoth agree. My final answer is:\n\n#### {count}"},
-        ]},
-    ]}
+    return {"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": [
+        {"type": "text", "text": manual}, {"type": "python", "text": f"'{word}'.count('{letter}')"},
+        {"type": "python_output", "text": str(count)},
+        {"type": "text", "text": f"\n\nBoth agree. My final answer is:\n\n#### {count}"}]}]}
 
 
 class SpellingBee(Task):
