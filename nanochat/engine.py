@@ -8,27 +8,23 @@ from a model.
         ...                                   # one token per row per step, as soon as it is sampled
     sequences, masks = engine.generate_batch(prompt, num_samples=4, max_tokens=256)
 
-- KVCache: keys/values preallocated once per request, (layers, B, T_max, H_kv, D), filled in place and
-  never resized (growing a cache with resize_ on a non-last dimension scrambles its contents). Its
-  dtype follows the model, never a hard-coded bf16 (which breaks MPS and fp32 inference).
-- The prompt is prefilled once at batch 1 and copied into the N-row decode cache; every row then
-  samples independently, the first token included (sampling it once and copying it to every row
-  makes N samples start alike).
+- KVCache: keys/values preallocated per request, (layers, B, T_max, H_kv, D), filled in place, never
+  resized (resize_ on a non-last dimension scrambles the contents); its dtype follows the model, never
+  a hard-coded bf16 (which breaks MPS and fp32 inference).
+- The prompt is prefilled once at batch 1 and copied into the N-row decode cache; every row samples
+  independently, the first token included (one first token copied to every row makes N samples alike).
 - Sampling: temperature (0 = greedy), top-k (None or <= 0 = off), top-p (nucleus), from a
-  torch.Generator seeded per request, so the same seed reproduces the same samples.
+  torch.Generator seeded per request: the same seed reproduces the same samples.
 - Tool use: a row that writes <|python_start|> code <|python_end|> gets the code run in the sandbox
-  (nanochat.execution, a subprocess, safe from any thread) and <|output_start|> result
-  <|output_end|> forced into it. Forced tokens have mask 0, sampled tokens mask 1.
-- A row finishes on <|assistant_end|> or <|bos|>; generation stops when every row has finished,
-  after max_tokens, or when the context (config.sequence_len) is full -- never with an error.
+  (nanochat.execution) and <|output_start|> result <|output_end|> forced into it (mask 0; sampled
+  tokens have mask 1). A row finishes on <|assistant_end|> or <|bos|>; generation stops when every
+  row has, after max_tokens, or when the context is full -- never with an error.
 
-Speed: a model whose master weights are fp32 but computes in bf16 would cast every weight on every
-forward, so the engine runs an inference copy of the weights in the compute dtype. Training that
-writes through .data (the optimizers do) is invisible to it: call refresh_weights() after such a
-step (RL does). Scripts that only ever infer call prepare_for_inference(model) instead, which casts
-the model itself and saves the copy. On a bf16 CPU the matrices are also prepacked for oneDNN
-(pack_linears), ~3x faster for batch-1 decode. Per step, decode does one forward of the new token
-column, one sampling call and one .tolist().
+Speed: fp32 master weights computing in bf16 would be cast on every forward, so the engine runs an
+inference copy in the compute dtype. Training that writes through .data (the optimizers do) is
+invisible to it: call refresh_weights() after such a step (RL does). Scripts that only infer call
+prepare_for_inference(model) instead, which casts the model itself. On a bf16 CPU the matrices are
+also prepacked for oneDNN (pack_linears), ~3x faster for batch-1 decode.
 """
 
 import threading
@@ -44,8 +40,7 @@ TOOL_OUTPUT_BYTES = 2048      # tool output kept (beginning and end); a calculat
 
 
 class ContextLimitError(RuntimeError):
-    """More tokens were fed than the KV cache was allocated for (the engine sizes caches so that it
-    never happens; direct users of KVCache see this instead of silently wrong attention)."""
+    """More tokens than the KV cache holds: an error, not silently wrong attention."""
 
 
 class KVCache:
@@ -69,9 +64,6 @@ class KVCache:
         # weights, which dominate memory, stay bf16). Elsewhere the cache is in the compute dtype.
         dtype = torch.float32 if device.type == "cpu" else model.compute_dtype
         return cls(batch_size, cfg.n_layer, max_len, cfg.n_kv_head, cfg.head_dim, device, dtype)
-
-    def reset(self):
-        self.pos = 0
 
     def update(self, layer, k, v):
         """Store k, v (B, T, H_kv, D) at [pos, pos+T); return this layer's keys and values [0, pos+T)."""
@@ -105,10 +97,9 @@ class KVCache:
 # Weights and logits
 
 def prepare_for_inference(model):
-    """For a model that will only ever be used for inference (CLI, web server, evals of a loaded
-    checkpoint): cast its weights to its compute dtype in place, so no forward pass casts them again
-    and the engine needs no copy, and prepack them for the CPU (see pack_linears). Do not call this
-    on a model that is still being trained."""
+    """For a model only ever used for inference (CLI, server, evals): cast its weights to the compute
+    dtype in place (no forward casts them again, the engine needs no copy) and prepack them for the
+    CPU (pack_linears). Not for a model still being trained."""
     model.eval()
     model.requires_grad_(False)
     for p in model.parameters():
@@ -164,11 +155,10 @@ def _packed_qkv(attn, x):
 
 
 def pack_linears(model):
-    """bf16 on a CPU: run every Linear of `model` with a copy of its weight prepacked into oneDNN's
-    blocked layout (the layout torch.compile's CPU backend uses). Same results bit for bit; batch-1
-    matmuls are much faster, measured on an AVX512-BF16 CPU (1 thread, CPU time): lm_head 32768x384
-    0.94 ms vs 2.84 ms, 1536x384 42 vs 69 us; prefill-sized inputs are no slower. Costs one more copy
-    of the matrix weights. Re-packs by itself if the weights are modified. No-op elsewhere."""
+    """bf16 on a CPU: run every Linear of `model` with its weight prepacked in oneDNN's blocked layout
+    (as torch.compile's CPU backend does). Bit-identical results; batch-1 matmuls are faster on an
+    AVX512-BF16 CPU (1 thread): lm_head 32768x384 0.94 vs 2.84 ms, 1536x384 42 vs 69 us; prefill sizes
+    no slower. Costs a copy of the matrices; re-packs when a weight is modified. No-op elsewhere."""
     if not _packable(model):
         return model
     for m in model.modules():
@@ -195,8 +185,8 @@ def _inference_copy(model):
 
 
 def last_logits(model, ids, kv_cache):
-    """fp32 softcapped logits (B, V) of the last position only. The prefill of a long prompt would
-    otherwise project every position onto the vocabulary and throw all but one away."""
+    """fp32 softcapped logits (B, V) of the last position only (a prefill need not project every
+    position onto the vocabulary)."""
     x = model.trunk(ids, kv_cache)[:, -1]
     logits = model.lm_head(x).float()  # a new tensor (the projection is in the compute dtype): safe to modify
     c = model.config.softcap
@@ -239,12 +229,10 @@ def render_prompt(tokenizer, messages):
 
 
 class TextStream:
-    """Incremental detokenizer for streaming: add(token id) returns the text that can be shown now, so
-    the pieces concatenate to exactly decode(all ids). A character split across tokens decodes to
-    U+FFFD until its last byte arrives, so text ending in U+FFFD is held back (emitting it would show
-    broken halves of the character). Ids are dropped once they decode cleanly: UTF-8 is
-    self-synchronising, so later bytes never change text that ended on a whole character, and each
-    add() decodes only the few ids since the last piece."""
+    """Incremental detokenizer: add(token id) returns the text that can be shown now; the pieces
+    concatenate to decode(all ids). A character split across tokens decodes to U+FFFD until its last
+    byte arrives, so text ending in U+FFFD is held back (else half characters would show). Ids are
+    dropped once they decode cleanly: UTF-8 self-synchronises, so later bytes cannot change that text."""
 
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
@@ -266,15 +254,14 @@ class TextStream:
 
 
 def reply_content(tokenizer, ids):
-    """The assistant message content for the tokens of a reply (terminal token excluded), as
-    render_conversation takes it: a str if the reply is plain text, else a list of text / python /
-    python_output parts. render_conversation of the result gives back `ids` whenever the model's
-    text tokens are the tokenizer's own encoding of that text (tested)."""
+    """The assistant message content for a reply's tokens (terminal token excluded), as
+    render_conversation takes it: a str for plain text, else a list of text / python / python_output
+    parts. Rendering it gives back `ids` when the model's text tokens are the tokenizer's encoding."""
     sp = tokenizer.encode_special
     kinds = {sp("<|python_start|>"): "python", sp("<|output_start|>"): "python_output",
              sp("<|python_end|>"): "text", sp("<|output_end|>"): "text"}
     parts, kind, current = [], "text", []
-    for t in ids + [None]:  # None closes the last part
+    for t in [*ids, None]:  # None closes the last part
         if t in kinds or t is None:
             if current or kind != "text":
                 parts.append({"type": kind, "text": tokenizer.decode(current)})
@@ -300,9 +287,8 @@ class _Row:
 
 
 class Engine:
-    """Samples from `model` (a GPT) with `tokenizer`'s special tokens; see the module docstring. One
-    Engine may serve generate() calls one after another or from several threads (each call has its
-    own cache and generator); tool calls run in a sandboxed subprocess for at most tool_timeout s."""
+    """Samples from `model` (a GPT) with `tokenizer`'s special tokens. generate() may be called from
+    several threads (each call has its own cache and generator); tool calls run for <= tool_timeout s."""
 
     def __init__(self, model, tokenizer, tool_timeout=TOOL_TIMEOUT, tool_output_bytes=TOOL_OUTPUT_BYTES):
         self.model, self.tokenizer = model, tokenizer
@@ -333,8 +319,8 @@ class Engine:
                 self._sync_copy()
 
     def _inference_model(self):
-        """The model to run: the model itself if its weights are already in the compute dtype, else
-        the copy in the compute dtype, re-synced if the master weights were changed visibly since."""
+        """The model itself if its weights are in the compute dtype, else the copy (re-synced if the
+        master weights changed through autograd-visible ops since)."""
         model = self.model
         if all(p.dtype == model.compute_dtype for p in model.parameters() if p.is_floating_point()):
             self._copy = None
@@ -370,9 +356,8 @@ class Engine:
         return token, mask
 
     def generate(self, tokens, num_samples=1, max_tokens=None, temperature=1.0, top_k=None, top_p=None, seed=42):
-        """Stream (token_column, mask_column), lists of length num_samples, one step at a time.
-        mask 1 = sampled, 0 = forced tool output. Once a row has emitted its terminal token
-        (<|assistant_end|> or <|bos|>) its later entries repeat that token with mask 0.
+        """Stream (token_column, mask_column), lists of num_samples, one step at a time; mask 1 =
+        sampled, 0 = forced tool output. After its terminal token a row repeats it with mask 0.
         Arguments are checked here, before the first token is asked for."""
         tokens = list(tokens)
         limit = self.model.config.sequence_len
@@ -427,8 +412,7 @@ class Engine:
             logits = last_logits(model, ids, cache)
 
     def generate_batch(self, tokens, num_samples=1, **kwargs):
-        """Non-streaming: (sequences, masks), num_samples lists each, every sequence = the prompt +
-        its row's tokens with the terminal token excluded; masks are 0 on the prompt."""
+        """(sequences, masks): per row the prompt + its tokens, terminal excluded; mask 0 on the prompt."""
         tokens = list(tokens)
         sequences = [list(tokens) for _ in range(num_samples)]
         masks = [[0] * len(tokens) for _ in range(num_samples)]
