@@ -1,9 +1,7 @@
 """
 Causal self-attention backends, in one place: FlashAttention-3 (Hopper), PyTorch SDPA, an explicit
-softmax path for CPU training, sliding-window masks, and the KV-cache form the engine drives. Adding
-an attention variant means touching this file only. Layout everywhere: (B, T, H, D).
-
-KV-cache protocol (implemented by nanochat.engine.KVCache):
+softmax path for CPU training, sliding windows, and the KV-cache form the engine drives; an attention
+variant is added here alone. Layout everywhere (B, T, H, D). The KV-cache protocol (engine.KVCache):
     kv_cache.pos                       tokens already cached (the same for every row)
     kv_cache.update(layer, k, v)       store k, v (B, T, H_kv, D) at [pos, pos+T), return all keys
                                        and values [0, pos+T) for that layer
@@ -28,30 +26,20 @@ def fa3_available(device_type):
 def window_sizes(config):
     """Per-layer attention window in tokens (None = full causal context)."""
     short = max(128, -(-config.sequence_len // 4 // 128) * 128)  # a quarter context, in multiples of 128
-    sizes = []
-    for i in range(config.n_layer):
-        c = config.window_pattern[i % len(config.window_pattern)]
-        full = c == "L" or i == config.n_layer - 1 or short >= config.sequence_len
-        sizes.append(None if full else short)
-    return sizes
+    pattern, n = config.window_pattern, config.n_layer
+    return [None if pattern[i % len(pattern)] == "L" or i == n - 1 or short >= config.sequence_len else short
+            for i in range(n)]
 
 
-def cached_attention(q, k, v, window, kv_cache=None, layer=0):
-    """attention() for one layer's new q, k, v; with a KV cache, k and v are first appended to it and
-    the queries attend over everything cached so far."""
-    if kv_cache is None:
-        return attention(q, k, v, window, 0)
-    pos = kv_cache.pos
-    k, v = kv_cache.update(layer, k, v)
-    return attention(q, k, v, window, pos)
-
-
-def attention(q, k, v, window, pos):
-    """Causal attention of queries at positions [pos, pos+Tq) over keys [0, Tk).
-
-    Uses FlashAttention-3 when present (Hopper, bf16, no cache), else PyTorch SDPA, which picks its
-    own fused kernel (flash/memory-efficient on CUDA, a flash kernel on CPU).
-    """
+def attention(q, k, v, window, kv_cache=None, layer=0):
+    """Causal attention of one layer's queries over its keys (window = None: full context). With a KV
+    cache, k and v are appended to the cache first and queries at [pos, pos+Tq) attend to [0, pos+Tq).
+    FlashAttention-3 when present (Hopper, bf16, no cache), else PyTorch SDPA, which picks its own fused
+    kernel (flash/memory-efficient on CUDA, a flash kernel on CPU)."""
+    pos = 0
+    if kv_cache is not None:
+        pos = kv_cache.pos
+        k, v = kv_cache.update(layer, k, v)
     Tq, Tk = q.size(1), k.size(1)
     if _fa3_func is not None and q.is_cuda and q.dtype == torch.bfloat16 and pos == 0 and Tq == Tk:
         # FA3's left window counts keys before the query's own: window - 1 of them gives the same

@@ -1,31 +1,29 @@
 """
-Batches of conversations for midtraining, SFT and RL: rendered once through
-tokenizer.render_conversation (the one definition of the chat format and its loss mask), turned into
-(inputs, targets) rows where position i's target ids[i+1] is kept only where mask[i+1] == 1 (assistant
-text, its python tool calls, <|assistant_end|>) and is -1 everywhere else (user turns, <|bos|>,
-<|assistant_start|>, tool output, padding).
+Batches of conversations for midtraining, SFT and RL, rendered through tokenizer.render_conversation
+(the one chat format and loss mask): position i's target ids[i+1] is kept where mask[i+1] == 1
+(assistant text, its python tool calls, <|assistant_end|>), else -1 (user turns, <|bos|>,
+<|assistant_start|>, tool output, padding). Two batchers, one interface: next_step() -> (this rank's
+micro-batches, its stats), state_dict(), resume_state=. State is indices and counters, never tokens, so
+a state saved by N ranks resumes on M (buffered conversations are re-rendered, deterministically).
 
-Two batchers, one interface: next_step() -> (this rank's micro-batches, its stats), state_dict(),
-resume_state=. State is indices and counters, never token lists, so a state saved by N ranks resumes
-on M (the few buffered conversations are re-rendered, deterministically).
-
-PackedBatcher (midtraining): rows of T+1 tokens, BOS-aligned best fit: each row takes the largest
-  buffered conversation that still fits entirely, and when none does the rest is padding. A
-  conversation is never cropped to fill a row (cropping would train on replies cut mid-way); only one
-  longer than a whole row is truncated (see render_row), and counted. As in nanochat/dataloader.py,
-  stream j of the R rows per step takes conversations j, j+R, j+2R, ..., so the global batch does not
-  depend on the number of ranks.
+PackedBatcher (midtraining): rows of T+1 tokens, BOS-aligned best fit (each row takes the largest
+  buffered conversation that still fits, then pads). A conversation is never cropped to fill a row
+  (that would train on replies cut mid-way); only one longer than a row is truncated, and counted. As
+  in dataloader.py, stream j of the R rows per step takes conversations j, j+R, ..., so the global batch
+  does not depend on the number of ranks.
 PaddedBatcher (SFT): one conversation per row, padded to the micro-batch's longest row (or to T+1 for a
   fixed shape under torch.compile); step s takes conversations [s*R, (s+1)*R), split across ranks.
 """
 
+from collections.abc import Sequence
+
 import torch
 
+
 def render_row(tokenizer, conversation, capacity):
-    """(ids, mask, cut): the rendered conversation, and how it was cut to fit `capacity` tokens:
-    None (it fits), "turn" (after its last whole assistant turn that fits: every reply kept still ends
-    with <|assistant_end|>), or "reply" (even its first reply does not fit: cut inside it, so the model
-    sees a reply that never ends; count these, or drop them with drop_overlong)."""
+    """(ids, mask, cut) of the conversation fitted to `capacity` tokens: cut None (it fits), "turn"
+    (after its last whole assistant turn that fits, so every reply kept ends with <|assistant_end|>), or
+    "reply" (cut inside its first reply, a reply that never ends: count these, or drop_overlong them)."""
     ids, mask = tokenizer.render_conversation(conversation)
     if len(ids) <= capacity:
         return ids, mask, None
@@ -43,9 +41,8 @@ def count_cut(stats, cut):
 
 
 def rows_to_batch(rows, pad_id, length=None, device="cpu"):
-    """rows: [(ids, mask)] of any lengths >= 2 -> (inputs, targets), both (len(rows), L - 1) long
-    tensors with L = `length` or the longest row. targets[i] = ids[i+1] where mask[i+1] else -1;
-    padding (inputs pad_id) has target -1."""
+    """rows: [(ids, mask)] of lengths >= 2 -> (inputs, targets), (len(rows), L - 1) each, L = `length` or
+    the longest row; targets[i] = ids[i+1] where mask[i+1] else -1, and padding (pad_id) is -1."""
     L = length or max(len(ids) for ids, _ in rows)
     ids_t = torch.full((len(rows), L), pad_id, dtype=torch.long)
     keep = torch.zeros((len(rows), L), dtype=torch.bool)
@@ -64,13 +61,12 @@ def rows_to_batch(rows, pad_id, length=None, device="cpu"):
 
 
 def new_stats():
-    """Counters a batcher reports per step (summed across ranks by the training loop): conversations
-    taken from the mixture, how many were truncated (at a turn boundary or, cut_mid_reply, inside
-    their first reply), rows built, their tokens, of which padding."""
+    """A step's counters (summed across ranks by the training loop): conversations taken, truncated
+    (cut_mid_reply: inside their first reply), rows built, their tokens, of which padding."""
     return {"conversations": 0, "truncated": 0, "cut_mid_reply": 0, "rows": 0, "row_tokens": 0, "pad_tokens": 0}
 
 
-class _Subset:
+class _Subset(Sequence):
     """The conversations of `task` at `indices`, as a Task-like list (len, [i], iteration)."""
 
     def __init__(self, task, indices):
@@ -82,22 +78,17 @@ class _Subset:
     def __getitem__(self, i):
         return self.task[self.indices[i]]
 
-    def __iter__(self):
-        return (self.task[i] for i in self.indices)
-
 
 def drop_overlong(task, tokenizer, capacity):
     """(conversations of `task` whose first reply fits in `capacity` tokens, how many were dropped). For
-    a model with a short context: a reply cut inside never shows its <|assistant_end|>, so training on
-    many of them teaches the model to talk until the context is full (longer conversations that do
-    keep a whole turn are cut after it, see render_row). Renders every conversation once."""
+    a short context: a reply cut inside never shows its <|assistant_end|>, and many of them teach the
+    model to talk until the context is full. Renders every conversation once."""
     keep = [i for i in range(len(task)) if render_row(tokenizer, task[i], capacity)[2] != "reply"]
     return _Subset(task, keep), len(task) - len(keep)
 
 
 class _Batcher:
-    """What both batchers share: the mixture, the shapes, this rank's row slots among the R rows of a
-    step, and the check that a saved state fits them."""
+    """Shared: the mixture, the shapes, this rank's row slots of a step's R, the resume-state check."""
     kind = None
 
     def __init__(self, dataset, tokenizer, B, T, rows_per_step, rank, world_size, device):
@@ -120,8 +111,7 @@ class _Batcher:
 
 
 class PackedBatcher(_Batcher):
-    """Midtraining: best-fit packing, BOS-aligned, padded instead of cropped. Each step's micro-batches
-    of (inputs, targets), shape (B, T), for this rank."""
+    """Midtraining: best-fit packing, BOS-aligned, padded instead of cropped; (B, T) micro-batches."""
     kind = "packed"
 
     def __init__(self, dataset, tokenizer, B, T, rows_per_step=None, rank=0, world_size=1, device="cpu",
@@ -194,16 +184,14 @@ class PackedBatcher(_Batcher):
 
 
 class PaddedBatcher(_Batcher):
-    """SFT: each step's micro-batches of (inputs, targets) for this rank, one conversation per row. Rows
-    are at most T+1 tokens (longer conversations are truncated, see render_row, and counted); inputs
-    are as wide as the longest row of the micro-batch minus one, or exactly T with fixed_length=True."""
+    """SFT: one conversation per row of at most T+1 tokens (longer ones truncated, see render_row, and
+    counted); inputs as wide as the micro-batch's longest row minus one, or T with fixed_length=True."""
     kind = "padded"
 
     def __init__(self, dataset, tokenizer, B, T, rows_per_step=None, rank=0, world_size=1, device="cpu",
                  fixed_length=False, resume_state=None):
         super().__init__(dataset, tokenizer, B, T, rows_per_step, rank, world_size, device)
-        self.fixed_length = fixed_length
-        self.next = 0  # mixture index (any epoch) of the next step's first row
+        self.fixed_length, self.next = fixed_length, 0  # next: mixture index of the next step's first row
         if resume_state is not None:
             st = resume_state[0] if isinstance(resume_state, list) else resume_state
             self._check_state(st)

@@ -1,27 +1,19 @@
 """
 The DCLM CORE metric: 22 in-context-learning tasks scored from a base model's next-token losses,
-each reported as accuracy and as centered accuracy (acc - b) / (1 - b), b = random baseline / 100, so
-0 is chance and 1 perfect; CORE = the mean centered accuracy.
+each reported as accuracy and as centered accuracy (acc - b) / (1 - b), b = random baseline / 100 (0 is
+chance, 1 perfect); CORE = the mean centered accuracy. The "eval bundle" (as published with DCLM):
+core.yaml (the tasks), eval_meta_data.csv (baselines) and eval_data/<category>/<file>.jsonl; tasks
+whose data file is missing are left out of CORE by name.
 
-The "eval bundle" (as published with DCLM and nanochat): core.yaml (icl_tasks: label, dataset_uri,
-num_fewshot, icl_task_type, continuation_delimiter), eval_meta_data.csv ("Eval Task", "Random
-baseline" in percent) and eval_data/<category>/<file>.jsonl; see ensure_bundle() for where it is
-found. Tasks whose data file is missing are left out of CORE by name.
-
-The three task types, for one item (few-shot examples drawn from the rest of the task, blocks joined
-by a blank line, every prompt tokenized with BOS prepended):
-    multiple_choice   one prompt per choice: query + delim + choice; the scored continuation is every
-                      token after the prefix all choices share; pick the lowest mean loss.
-    schema            one prompt per context option: option + delim + continuation; the scored span is
-                      the suffix all prompts share; pick the lowest mean loss.
-    language_modeling context + delim + continuation, scored on the tokens after the stripped context;
-                      correct iff the greedy prediction equals the continuation at every position.
-The tokens all options of an item share run through the model once, into a KV cache every option's
-remainder attends to (right-padded with BOS: causal attention never lets padding reach earlier
-positions), and only positions that predict a scored token reach the vocabulary: the same arithmetic
-as one forward per prompt, several times cheaper for 10-shot prompts (test_scoring_matches_brute_force).
-An item longer than the context loses the same number of tokens from the left of every prompt, so all
-options are still scored against one identical context.
+Task types (few-shot examples from the rest of the task, blank-line separated, BOS prepended):
+    multiple_choice   a prompt per choice (query + delim + choice), scored after the prefix all share
+    schema            a prompt per context option (option + delim + continuation), scored on the
+                      suffix all share
+    language_modeling context + delim + continuation; correct iff greedy decoding gives the continuation
+multiple_choice and schema pick the option with the lowest mean loss. The tokens all options share run
+once into a KV cache the remainders attend to, and only positions that predict a scored token reach
+the vocabulary: one forward per prompt's arithmetic, several times cheaper for 10-shot prompts. An item
+longer than the context loses the same number of tokens from the left of every prompt.
 """
 
 import os
@@ -46,10 +38,8 @@ FEWSHOT_SEPARATOR = "\n\n"
 DATA_SHUFFLE_SEED = 1337    # order of a task's items (the first --max-per-task of it are evaluated)
 FEWSHOT_SEED = 1234         # few-shot draw for item idx uses random.Random(FEWSHOT_SEED + idx)
 
-# SQuAD is distributed raw (the SQuAD v1.1 dev json); convert_squad() turns it into a
-# language_modeling task. The template follows the bundle's SQuAD file: the passage, the question,
-# and "Answer:", with the first reference answer as the continuation (exact match, like the other
-# LM tasks). Mind the context: with 10 shots a prompt is ~2K tokens.
+# SQuAD ships raw (the v1.1 dev json); convert_squad() makes it a language_modeling task in the
+# bundle's template, the first reference answer as the continuation (10-shot prompts are ~2K tokens).
 SQUAD_URI = "reading_comprehension/squad.jsonl"
 SQUAD_RAW = os.path.join("raw", "squad", "dev-v1.1.json.zip")
 SQUAD_TEMPLATE = "Context: {context}\nQuestion: {question}\nAnswer:"
@@ -116,8 +106,7 @@ def load_tasks(bundle_dir):
 
 
 def load_task_data(path):
-    """A task's items in the evaluation order (shuffled with a fixed seed, so --max-per-task is a
-    random sample and every run sees the same one)."""
+    """A task's items, shuffled with a fixed seed: --max-per-task takes the same random sample every run."""
     with open(path, encoding="utf-8") as f:
         data = [json.loads(line) for line in f if line.strip()]
     random.Random(DATA_SHUFFLE_SEED).shuffle(data)
@@ -132,9 +121,8 @@ def _is_bundle(path):
 
 
 def download_bundle(url, dest, progress=True):
-    """Download the bundle zip into dest's folder (resumable, retried; the zip's CRCs are checked
-    before anything is extracted) and unzip it to `dest`. The official zip holds one top folder
-    eval_bundle/; a zip with the files at its root works too."""
+    """Download the bundle zip (resumable, retried, CRCs checked before extracting) and unzip it to
+    `dest`, whether the zip holds one top folder (the official eval_bundle/) or the files at its root."""
     zip_path = dest + ".zip"
     download_file(url, zip_path, progress=progress)
     try:
@@ -148,10 +136,8 @@ def download_bundle(url, dest, progress=True):
     except zipfile.BadZipFile as e:
         os.remove(zip_path)  # so the next attempt downloads it afresh
         raise DownloadError(f"{zip_path} from {url} is not a valid zip ({e}); deleted it, run again") from None
-    root = tmp
     entries = [e for e in os.listdir(tmp) if not e.startswith("__MACOSX")]
-    if not _is_bundle(tmp) and len(entries) == 1 and _is_bundle(os.path.join(tmp, entries[0])):
-        root = os.path.join(tmp, entries[0])
+    root = os.path.join(tmp, entries[0]) if len(entries) == 1 and not _is_bundle(tmp) else tmp
     if not _is_bundle(root):
         shutil.rmtree(tmp, ignore_errors=True)
         raise DownloadError(f"{url} does not contain core.yaml and eval_meta_data.csv")
@@ -162,8 +148,7 @@ def download_bundle(url, dest, progress=True):
 
 
 def convert_squad(zip_path, out_path):
-    """SQuAD v1.1 dev json (zipped, as published) -> the bundle's language_modeling jsonl
-    ({"context", "continuation"} per question, SQUAD_TEMPLATE, first answer). Returns the row count."""
+    """SQuAD v1.1 dev json (zipped, as published) -> language_modeling jsonl; returns the row count."""
     with zipfile.ZipFile(zip_path) as zf:
         names = [n for n in zf.namelist() if n.endswith(".json")]
         if len(names) != 1:
@@ -187,15 +172,12 @@ def _squad_pending(target):
 
 
 def ensure_bundle(bundle_dir=None, url=None, progress=True):
-    """Path of a ready eval bundle. Call it on every rank before any training or eval loop.
-
-    Order: bundle_dir, else $NANOCHAT_LOCAL_DATA/eval_core, else <base dir>/eval_bundle, downloaded
-    from `url` ($NANOCHAT_EVAL_BUNDLE_URL, default the official zip) if not there yet. One process
-    per machine (local rank 0; rank 0 on a single node) downloads and converts, holding a file lock
-    so concurrent jobs sharing a disk never race. The others wait for the lock and the finished
-    bundle by polling the disk rather than in a collective, because a slow download must not trip
-    the process group's timeout (upstream nanochat lost whole multi-GPU runs to a download that
-    outlasted it); a final barrier lines the ranks up. If the downloader fails, torchrun stops the others."""
+    """Path of a ready eval bundle; call it on every rank before any training or eval loop. Order:
+    bundle_dir, else $NANOCHAT_LOCAL_DATA/eval_core, else <base dir>/eval_bundle, downloaded from `url`
+    ($NANOCHAT_EVAL_BUNDLE_URL, default the official zip) if not there yet. Local rank 0 downloads and
+    converts under a file lock (jobs sharing a disk never race); the other ranks poll the disk rather
+    than wait in a collective, whose timeout a slow download would trip (upstream nanochat lost whole
+    multi-GPU runs that way). If the downloader fails, torchrun stops the others."""
     from filelock import FileLock
     if bundle_dir is None and get_local_data_dir() is not None:
         bundle_dir = os.path.join(get_local_data_dir(), "eval_core")
@@ -247,8 +229,7 @@ def fewshot_indices(idx, n, k):
 
 
 def render_prompts(task_type, item, fewshot, delimiter):
-    """The prompt strings of one item: one per choice / context option, or [without, with] the
-    continuation for language modeling. `fewshot` is a list of items of the same task."""
+    """One item's prompts: one per choice / context option, or [without, with] the continuation."""
     if task_type == "multiple_choice":
         shots = [f"{ex['query']}{delimiter}{ex['choices'][ex['gold']]}" for ex in fewshot]
         return [FEWSHOT_SEPARATOR.join(shots + [f"{item['query']}{delimiter}{choice}"]) for choice in item["choices"]]
@@ -294,8 +275,8 @@ def tokenize_prompts(tokenizer, task_type, prompts):
 
 
 def crop_left(rows, spans, max_len):
-    """Drop the same number of leading tokens from every row so the longest fits in max_len, and shift
-    the spans to match (see the module docstring). Rows keep their BOS only when nothing is cut."""
+    """Drop the same number of leading tokens from every row so the longest fits in max_len, shifting
+    the spans to match; rows keep their BOS only when nothing is cut."""
     cut = max(0, max(len(r) for r in rows) - max_len)
     return [r[cut:] for r in rows], [(max(1, s - cut), e - cut) for s, e in spans]
 
@@ -305,12 +286,9 @@ def crop_left(rows, spans, max_len):
 
 @torch.no_grad()
 def span_logits(model, rows, spans, pad_id, device):
-    """For each row, the fp32 softcapped logits at the positions that predict its span [s, e): a list
-    of (e - s, V) tensors, row i's prediction of token t at index t - s.
-
-    The rows' common prefix, up to the position before the earliest span, runs once into a batch-1 KV
-    cache that is then copied into every row; the rest of each row runs as one right-padded batch
-    after it. Only the predicting positions reach the vocabulary projection."""
+    """For each row, the fp32 softcapped logits (e - s, V) at the positions that predict its span [s, e).
+    The rows' common prefix (up to the earliest span) runs once into a batch-1 KV cache copied into
+    every row; the rest of each row runs as one right-padded batch after it."""
     from nanochat.engine import KVCache
     P = min(_common_prefix_len(rows), min(s for s, _ in spans) - 1) if len(rows) > 1 else 0
     cache = None
@@ -319,20 +297,17 @@ def span_logits(model, rows, spans, pad_id, device):
         model.trunk(torch.tensor([rows[0][:P]], dtype=torch.long, device=device), prefix)
         cache = KVCache.for_model(model, len(rows), max(len(r) for r in rows))
         cache.prefill(prefix)
-    tails = [r[P:] for r in rows]
-    ids = torch.full((len(rows), max(len(t) for t in tails)), pad_id, dtype=torch.long)
-    for i, t in enumerate(tails):
-        ids[i, :len(t)] = torch.tensor(t, dtype=torch.long)
+    width = max(len(r) for r in rows) - P
+    ids = torch.tensor([r[P:] + [pad_id] * (width - len(r) + P) for r in rows], dtype=torch.long)
     hidden = model.trunk(ids.to(device), cache)  # (B, T - P, C); position p of row i is hidden[i, p - P]
     return [model.logits(hidden[i, s - 1 - P:e - 1 - P]) for i, (s, e) in enumerate(spans)]
 
 
 @torch.no_grad()
 def evaluate_example(model, tokenizer, data, idx, task, device, max_len=None):
-    """Score item data[idx] of `task` -> (correct, details). details: prompts, spans and, for
-    multiple_choice/schema, the mean continuation loss of every option and the chosen option."""
-    item = data[idx]
-    fewshot = [data[j] for j in fewshot_indices(idx, len(data), task.num_fewshot)]
+    """Score item data[idx] of `task` -> (correct, details: prompts, spans, and per-option mean losses and
+    the chosen option, or the greedy prediction for language modeling)."""
+    item, fewshot = data[idx], [data[j] for j in fewshot_indices(idx, len(data), task.num_fewshot)]
     prompts = render_prompts(task.task_type, item, fewshot, task.delimiter)
     rows, spans = tokenize_prompts(tokenizer, task.task_type, prompts)
     rows, spans = crop_left(rows, spans, max_len or model.config.sequence_len)
@@ -375,8 +350,7 @@ def centered_accuracy(accuracy, baseline_percent):
 
 
 def core_summary(accuracies, tasks):
-    """Aggregate per-task accuracies ({label: acc}) over `tasks`: centered accuracies, CORE (their
-    mean over the tasks that have a result), and which tasks were used and missing."""
+    """{label: acc} over `tasks` -> centered accuracies, CORE (their mean), tasks used and missing."""
     centered = {t.label: centered_accuracy(accuracies[t.label], t.baseline) for t in tasks if t.label in accuracies}
     missing = [t.label for t in tasks if t.label not in accuracies]
     core = sum(centered.values()) / len(centered) if centered else float("nan")
@@ -385,21 +359,17 @@ def core_summary(accuracies, tasks):
 
 
 def evaluate_core(model, tokenizer, tasks, device, max_per_task=-1, rank=0, world_size=1, progress=True, log=print0):
-    """Run every task that has data and aggregate: core_summary(...) plus items and seconds per task.
-    The entry point for scripts (base_eval, CORE during training); call ensure_bundle() first."""
+    """Every task that has data, aggregated: core_summary(...) plus items and seconds per task. The
+    entry point for scripts; call ensure_bundle() first."""
     accuracies, items, seconds = {}, {}, {}
-    for task in tasks:
-        if task.path is None:
-            continue
+    for task in (t for t in tasks if t.path is not None):
         t0 = time.time()
         acc, n = evaluate_task(model, tokenizer, task, device, max_per_task, rank, world_size, progress)
         accuracies[task.label], items[task.label], seconds[task.label] = acc, n, time.time() - t0
         if log:
             log(f"{task.label:<35} accuracy {acc:.4f} | centered {centered_accuracy(acc, task.baseline):+.4f} | "
                 f"{n:>6,} items | {seconds[task.label]:.1f}s")
-    summary = core_summary(accuracies, tasks)
-    summary.update(items=items, seconds=seconds)
-    return summary
+    return {**core_summary(accuracies, tasks), "items": items, "seconds": seconds}
 
 
 def write_results_csv(path, summary):
@@ -414,8 +384,7 @@ def write_results_csv(path, summary):
 
 
 def read_results_csv(path):
-    """Read a Task/Accuracy/Centered table (ours or the published reference results) ->
-    ({label: (accuracy or None, centered)}, core or None)."""
+    """A Task/Accuracy/Centered table (ours or published) -> ({label: (acc or None, centered)}, core)."""
     rows, core = {}, None
     with open(path, encoding="utf-8") as f:
         reader = csv.reader(f)

@@ -13,9 +13,8 @@ Architecture (each piece named with where it comes from):
 - value embeddings on alternating layers, gated per KV head (ResFormer / modded-nanogpt)
 - per-layer residual scalars: x = a_i * x + b_i * x0 before every block (modded-nanogpt)
 
-Master weights are fp32; every Linear casts its weight to the activation dtype (the compute dtype,
-bf16 where the hardware has it), so there is no autocast anywhere. The model is built on the meta
-device and then initialised explicitly by init_weights(), so nothing set in __init__ is lost.
+Master weights are fp32; every Linear casts its weight to the activation (compute) dtype: no autocast.
+Built on the meta device, then initialised by init_weights(), so nothing set in __init__ is lost.
 Attention itself (backends, windows, the KV-cache form) lives in nanochat/attention.py.
 """
 
@@ -25,7 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from nanochat.attention import cached_attention, window_sizes
+from nanochat.attention import attention, window_sizes
 
 
 @dataclass
@@ -95,9 +94,8 @@ class CausalSelfAttention(nn.Module):
 
     def __init__(self, config, layer_idx, has_ve, device=None):
         super().__init__()
-        self.layer_idx = layer_idx
+        self.layer_idx, self.eps = layer_idx, config.norm_eps
         self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
-        self.eps = config.norm_eps
         d, kvd = config.n_embd, config.n_kv_head * config.head_dim
         self.c_q = Linear(d, d, device=device)
         self.c_k = Linear(d, kvd, device=device)
@@ -106,9 +104,8 @@ class CausalSelfAttention(nn.Module):
         self.ve_gate = Linear(min(self.VE_GATE_CHANNELS, d), config.n_kv_head, device=device) if has_ve else None
 
     def project_qkv(self, x):
-        """(queries and keys side by side, values). Three matrices, not one fused: Muon orthogonalises
-        each on its own. For inference, engine.pack_linears replaces this with a single matmul over
-        the concatenated weights, whose output already has q and k side by side."""
+        """(queries and keys side by side, values). Three matrices, so Muon orthogonalises each alone;
+        for inference engine.pack_linears replaces this with one matmul over the concatenated weights."""
         return torch.cat([self.c_q(x), self.c_k(x)], dim=-1), self.c_v(x)
 
     def forward(self, x, ve, cos, sin, window, kv_cache):
@@ -124,7 +121,7 @@ class CausalSelfAttention(nn.Module):
         # the kernel launches, which is most of the cost of a decode step on a CPU.
         qk = norm(apply_rotary(qk.view(B, T, H + Hkv, D), cos, sin), self.eps)
         q, k = qk.split([H, Hkv], dim=2)
-        y = cached_attention(q, k, v, window, kv_cache, self.layer_idx)
+        y = attention(q, k, v, window, kv_cache, self.layer_idx)
         return self.c_proj(y.reshape(B, T, -1))
 
 
@@ -215,14 +212,10 @@ class LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, targets, weights, softcap, compiled):
-        N = x.size(0)
-        wc = weight.to(x.dtype)
-        rows = chunk_rows(weight.size(0))
-        kernel = _kernel(_ce_chunk, compiled)
-        grad_x = torch.empty_like(x)
-        grad_w = torch.zeros_like(weight)
+        wc, rows, kernel = weight.to(x.dtype), chunk_rows(weight.size(0)), _kernel(_ce_chunk, compiled)
+        grad_x, grad_w = torch.empty_like(x), torch.zeros_like(weight)
         total = torch.zeros((), dtype=torch.float32, device=x.device)
-        for s in range(0, N, rows):
+        for s in range(0, x.size(0), rows):
             xs = x[s:s + rows]
             loss, g = kernel(xs @ wc.t(), targets[s:s + rows], weights[s:s + rows], softcap)
             total += (loss * weights[s:s + rows]).sum()
@@ -244,9 +237,7 @@ def linear_cross_entropy(x, weight, targets, softcap, reduction="mean", weights=
     x = x.reshape(-1, x.size(-1))
     targets = targets.reshape(-1)
     if reduction == "none":
-        rows = chunk_rows(weight.size(0))
-        wc = weight.to(x.dtype)
-        kernel = _kernel(_ce_chunk_loss, compiled, dynamic=None)
+        wc, rows, kernel = weight.to(x.dtype), chunk_rows(weight.size(0)), _kernel(_ce_chunk_loss, compiled, dynamic=None)
         return torch.cat([kernel(x[s:s + rows] @ wc.t(), targets[s:s + rows], softcap)
                           for s in range(0, x.size(0), rows)])
     valid = (targets >= 0).to(torch.float32)
@@ -309,12 +300,10 @@ class GPT(nn.Module):
 
     def rotary(self, start, T, device, dtype):
         """cos/sin for positions [start, start+T), shaped (1, T, 1, D/2); grown on demand."""
-        need = start + T
-        key = (str(device), dtype)
+        need, key = start + T, (str(device), dtype)
         cached = self._rope_cache.get(key)
         if cached is None or cached[0].size(1) < need:
-            n = max(need, self.config.sequence_len)
-            D = self.config.head_dim
+            n, D = max(need, self.config.sequence_len), self.config.head_dim
             # Normal tensors even when first asked for under inference mode (the engine), so the same
             # tables serve training afterwards (RL and SFT's chat evals alternate the two).
             with torch.inference_mode(False):
@@ -326,13 +315,9 @@ class GPT(nn.Module):
 
     def trunk(self, idx, kv_cache=None):
         """Token ids (B, T) -> final normed hidden states (B, T, n_embd) in the compute dtype."""
-        cfg = self.config
-        B, T = idx.shape
-        pos = kv_cache.pos if kv_cache is not None else 0
-        dtype = self.compute_dtype
-        cos, sin = self.rotary(pos, T, idx.device, dtype)
-        x = norm(self.transformer.wte(idx).to(dtype), cfg.norm_eps)
-        x0 = x
+        cfg, dtype, T = self.config, self.compute_dtype, idx.size(1)
+        cos, sin = self.rotary(kv_cache.pos if kv_cache is not None else 0, T, idx.device, dtype)
+        x = x0 = norm(self.transformer.wte(idx).to(dtype), cfg.norm_eps)
         for i, block in enumerate(self.transformer.h):
             if cfg.resid_scalars:
                 x = self.resid_lambdas[i].to(dtype) * x + self.x0_lambdas[i].to(dtype) * x0
@@ -343,8 +328,8 @@ class GPT(nn.Module):
         return norm(x, cfg.norm_eps)
 
     def forward(self, idx, targets=None, kv_cache=None, loss_reduction="mean", loss_weights=None):
-        """Without targets: fp32 softcapped logits (B, T, V). With targets: the loss (see
-        linear_cross_entropy for the reductions); the full logits are never materialised."""
+        """Without targets: fp32 softcapped logits (B, T, V). With targets: the loss (reductions as in
+        linear_cross_entropy), never materialising the full logits."""
         use_compiled = self._compiled_trunk is not None and self.training and kv_cache is None
         x = (self._compiled_trunk if use_compiled else self.trunk)(idx, kv_cache)
         if targets is None:
@@ -360,8 +345,8 @@ class GPT(nn.Module):
         return c * torch.tanh(logits / c) if c > 0 else logits
 
     def compile_for_training(self):
-        """torch.compile the trunk and the loss kernels for training (fixed shapes). Evaluation and
-        sampling (model.eval(), varying shapes, KV cache) keep running the eager trunk."""
+        """torch.compile the trunk and loss kernels for training (fixed shapes); eval and sampling
+        (model.eval(), varying shapes, KV cache) keep the eager trunk."""
         self._compiled_trunk = torch.compile(self.trunk, dynamic=False)
         self.compiled = True
         return self
@@ -400,8 +385,7 @@ class GPT(nn.Module):
         return sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear))
 
     def num_params(self):
-        """Parameter counts by group. 'scaling' = transformer matrices + lm_head (the count the
-        training horizon is derived from: embeddings are lookups, not compute)."""
+        """Parameter counts by group; 'scaling' (the horizon's count) = transformer matrices + lm_head."""
         c = {"wte": self.transformer.wte.weight.numel(),
              "value_embeds": sum(p.numel() for p in self.value_embeds.parameters()), "lm_head": self.lm_head.weight.numel(),
              "transformer_matrices": sum(p.numel() for p in self.transformer.h.parameters()),
@@ -418,8 +402,7 @@ class GPT(nn.Module):
 
     @torch.inference_mode()
     def generate(self, tokens, max_tokens, temperature=1.0, top_k=None, seed=42):
-        """Reference sampler without a KV cache: recomputes the whole sequence for every token.
-        Slow on purpose; the engine is the real inference path and is tested against this."""
+        """Reference sampler without a KV cache, slow on purpose: the engine is tested against it."""
         device = self.lm_head.weight.device
         rng = torch.Generator(device=device).manual_seed(seed)
         ids = torch.tensor([tokens], dtype=torch.long, device=device)
@@ -431,8 +414,7 @@ class GPT(nn.Module):
                 if top_k is not None and top_k > 0:
                     v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
                     logits[logits < v[:, [-1]]] = -float("inf")
-                probs = F.softmax(logits / temperature, dim=-1)
-                nxt = torch.multinomial(probs, 1, generator=rng)
+                nxt = torch.multinomial(F.softmax(logits / temperature, dim=-1), 1, generator=rng)
             ids = torch.cat([ids, nxt], dim=1)
             yield nxt.item()
 

@@ -3,8 +3,8 @@ Bits per byte: the tokenizer-independent validation metric.
 
 Mean cross-entropy per token depends on the vocabulary (a bigger vocab packs more bytes per token), so
 losses are summed in nats over tokens and divided by the number of UTF-8 bytes those tokens stand for,
-taken from the raw token bytes (never via decoded strings, upstream bug #1). Special tokens (0 bytes)
-and ignored targets (-1) count neither nats nor bytes.
+taken from the raw token bytes: decoding ids to str first turns lone bytes >= 0x80 into 3-byte U+FFFD
+and skews bpb. Special tokens (0 bytes) and ignored targets (-1) count neither nats nor bytes.
 """
 
 import math

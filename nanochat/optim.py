@@ -1,23 +1,16 @@
 """
 One optimizer for the whole model: Muon for the 2-D matrices inside the transformer blocks, AdamW for
 everything else (embeddings, lm_head, scalars). The same class runs on one process and sharded across
-torchrun ranks (ZeRO-2 style), so the two can never drift apart:
+torchrun ranks (ZeRO-2 style), so the two can never drift apart: gradients are reduce-scattered
+(averaged) so each rank holds only the slice it owns (rows of an AdamW tensor, whole matrices of a Muon
+shape-group), each rank updates its slice with its slice of the state, and the parameters are
+all-gathered back. With one process the communication is skipped; small or indivisible AdamW tensors
+are all-reduced and updated everywhere (their state is tiny and replicated).
 
-  1. gradients are reduce-scattered (averaged) so each rank holds the gradient of only the slice it owns
-     (rows of an AdamW tensor, or whole matrices of a Muon shape-group),
-  2. each rank updates its slice with its slice of the optimizer state,
-  3. the updated parameters are all-gathered back to every rank.
-
-With one process every communication step is skipped. Small or indivisible AdamW tensors are
-all-reduced and updated everywhere instead (their state is tiny and replicated).
-
-Muon: momentum (Nesterov), then the update is orthogonalised, i.e. replaced by the nearest
-semi-orthogonal matrix U V^T of its SVD, approximated by a few matrix polynomials (Jordan et al. 2024,
-"Muon"). Polar Express coefficients (Amsel et al. 2025) converge faster than the classic quintic
-Newton-Schulz ones; both are available.
+Muon (Jordan et al. 2024): Nesterov momentum, then the update is replaced by the nearest
+semi-orthogonal matrix U V^T, approximated by a few matrix polynomials: Polar Express coefficients
+(Amsel et al. 2025), which converge faster, or the classic quintic Newton-Schulz ones.
 """
-
-import math
 
 import torch
 import torch.distributed as dist
@@ -35,10 +28,8 @@ POLAR_EXPRESS = [
 NEWTON_SCHULZ = [(3.4445, -4.7750, 2.0315)] * 5
 
 
-# The only collectives used: all_reduce, reduce-scatter and all-gather of single tensors, async with
-# work.wait() (gloo has no get_future() for reduce-scatter). NCCL and gloo both implement all three;
-# torch 2.13 renamed the last two (*_single), older releases only know *_tensor. This is the one place
-# to switch if a backend ever lacks one.
+# The only collectives: all_reduce, reduce-scatter, all-gather of single tensors, async with work.wait()
+# (gloo has no get_future() for reduce-scatter). torch 2.13 renamed the last two *_single; older: *_tensor.
 _reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 _all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
@@ -49,8 +40,7 @@ def _pad_rows(x, n):
 
 
 def orthogonalize(G, method="polar", dtype=torch.bfloat16):
-    """Approximate U V^T for a stack of matrices G (..., m, n). Works on the wide orientation so the
-    Gram matrix A is the small one."""
+    """Approximate U V^T for a stack of matrices G (..., m, n), wide side up so A is the small Gram."""
     X = G.to(dtype)
     transposed = X.size(-2) > X.size(-1)
     if transposed:
@@ -86,19 +76,13 @@ class MuonAdamW(torch.optim.Optimizer):
         self.rank, self.world_size = rank, world_size
         self.ortho, self.ortho_dtype = ortho, ortho_dtype
 
-    # ------------------------------------------------------------------ sharding plan
-
     def _adamw_sharded(self, p):
-        W = self.world_size
-        return W > 1 and p.numel() >= 1024 and p.size(0) % W == 0
+        return self.world_size > 1 and p.numel() >= 1024 and p.size(0) % self.world_size == 0
 
     def _muon_slice(self, group):
         """(padded count, [start, end) of the matrices this rank owns) for a muon group."""
-        K, W = len(group["params"]), self.world_size
-        per = math.ceil(K / W)
-        return per * W, per * self.rank, per * self.rank + per
-
-    # ------------------------------------------------------------------ the step
+        per = -(-len(group["params"]) // self.world_size)  # ceil
+        return per * self.world_size, per * self.rank, per * self.rank + per
 
     @torch.no_grad()
     def step(self):
@@ -158,9 +142,8 @@ class MuonAdamW(torch.optim.Optimizer):
         """AdamW on `data` (a parameter or the owned rows of one), fp32 math whatever the storage."""
         state = self.state[p]
         if not state:
-            state["step"] = 0
-            state["exp_avg"] = torch.zeros_like(data, dtype=torch.float32)
-            state["exp_avg_sq"] = torch.zeros_like(data, dtype=torch.float32)
+            state.update(step=0, exp_avg=torch.zeros_like(data, dtype=torch.float32),
+                         exp_avg_sq=torch.zeros_like(data, dtype=torch.float32))
         state["step"] += 1
         t = state["step"]
         beta1, beta2 = group["betas"]
@@ -179,8 +162,7 @@ class MuonAdamW(torch.optim.Optimizer):
         data.copy_(p32)
 
     def _muon_update(self, group, params, grads):
-        """Muon on a stack of same-shape matrices owned by this rank (state kept under the group's
-        first parameter, whichever matrices this rank owns)."""
+        """Muon on this rank's stack of same-shape matrices (state kept under the group's first param)."""
         state = self.state[group["params"][0]]
         if "momentum_buffer" not in state:
             state["momentum_buffer"] = torch.zeros_like(grads, dtype=torch.float32)
@@ -200,35 +182,29 @@ class MuonAdamW(torch.optim.Optimizer):
             p32.sub_(u[i], alpha=lr_eff)
             p.data.copy_(p32)
 
-    # ------------------------------------------------------------------ accounting
-
     def state_bytes(self):
-        """Bytes of optimizer state held by this rank: about 1/world_size of the single-process total,
-        plus the small replicated tensors."""
+        """Bytes of optimizer state on this rank (~1/world_size of the total, plus replicated scalars)."""
         return sum(v.numel() * v.element_size() for st in self.state.values() for v in st.values()
                    if torch.is_tensor(v))
 
     # ------------------------------------------------------------------ checkpoints (any world size)
 
     def shard_state_dict(self):
-        """This rank's optimizer state, keyed by parameter name, with what is needed to reassemble it
-        on a different number of ranks. Every tensor in a parameter's state is saved (rows of a sharded
-        AdamW tensor; for a Muon group, stacked along dim 0 over the matrices this rank owns), so state
-        added to the update rules later reshards without changes here."""
+        """This rank's state by parameter name, reassemblable on any number of ranks. Every tensor of a
+        parameter's state is saved (a sharded AdamW tensor's rows; a Muon group's owned matrices stacked
+        along dim 0), so state added to the update rules later reshards without changes here."""
+        def saved(st, **extra):
+            return {**{k: v.clone() if torch.is_tensor(v) else v for k, v in st.items()}, **extra}
         out = {"rank": self.rank, "world_size": self.world_size, "adamw": {}, "muon": {}}
         for group in self.param_groups:
+            first = group["params"][0]
             if group["kind"] == "adamw":
                 for name, p in zip(group["names"], group["params"]):
-                    st = self.state.get(p)
-                    if st:
-                        out["adamw"][name] = {**{k: v.clone() if torch.is_tensor(v) else v for k, v in st.items()},
-                                              "sharded": self._adamw_sharded(p)}
-            else:
-                st = self.state.get(group["params"][0])
-                if st:
-                    _, start, _ = self._muon_slice(group)
-                    saved = {k: v.clone() if torch.is_tensor(v) else v for k, v in st.items()}
-                    out["muon"][group["names"][0]] = {**saved, "start": start, "count": len(group["params"])}
+                    if self.state.get(p):
+                        out["adamw"][name] = saved(self.state[p], sharded=self._adamw_sharded(p))
+            elif self.state.get(first):
+                out["muon"][group["names"][0]] = saved(self.state[first], start=self._muon_slice(group)[1],
+                                                       count=len(group["params"]))
         return out
 
     def load_shard_state_dicts(self, shards):

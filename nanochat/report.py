@@ -1,21 +1,20 @@
 """
-The report card of a run: report/report.md, built only from the stage summaries that every script
-writes as report/<stage>.json under the base dir (nanochat.common.write_report_json), plus a plot of
-the training loss and validation bits-per-byte curves (report/loss.png).
+The report card of a run: report/report.md, built only from the report/<stage>.json summaries every
+script writes (nanochat.common.write_report_json), plus a plot of the loss and bpb curves (loss.png).
 
-    python -m nanochat.report reset                            # at the start of a run
+    python -m nanochat.report reset                            # at the start of a run: archive the
+                                                               # last run, record this machine
     python -m nanochat.report generate --gpu-hour-price 3.0    # at the end
 
-reset moves the previous run's summaries into report/archive/<time>/ and writes report/header.json
-(machine, software, git commit). generate renders the header, one section per stage (its settings,
-wall time and results), a summary table of the headline metrics per stage (BASE / MID / SFT / RL),
-the total wall time and an estimated cost, writes report/report.md and copies it (with the plot, as
-report_loss.png) to the current directory. Missing stages are listed, never fatal; summaries of
-stages this file does not know are still shown, after the known ones.
+generate writes the machine, a table of headline metrics per stage (BASE / MID / SFT / RL), wall times
+and cost, then one section per stage (settings, results), and copies report.md (and the plot, as
+report_loss.png) to the current directory. Missing stages are listed, never fatal; stages this file
+does not know are shown after the known ones.
 """
 
 import os
 import json
+import math
 import glob
 import shutil
 import platform
@@ -43,18 +42,13 @@ SPECIAL_KEYS = {"stage", "timestamp", "git", "command", "args", "losses", "val_b
                 "core_seconds", "system"}
 
 
-# -----------------------------------------------------------------------------
-# System information
-
 def cpu_model():
     try:
         with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
+            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
     except OSError:
-        pass
-    return platform.processor() or platform.machine()
+        names = []
+    return names[0] if names else platform.processor() or platform.machine()
 
 
 def system_info():
@@ -70,9 +64,6 @@ def system_info():
             "cuda": torch.version.cuda if gpus else None,
             "python": platform.python_version(), "torch": torch.__version__, "git": git_info()}
 
-
-# -----------------------------------------------------------------------------
-# reset
 
 def reset():
     """Archive the previous run's summaries and start a new report with a header."""
@@ -90,15 +81,11 @@ def reset():
     return path
 
 
-# -----------------------------------------------------------------------------
-# Formatting
-
 def fmt_duration(seconds):
     if seconds is None:
         return "-"
-    seconds = int(round(seconds))
-    h, rem = divmod(seconds, 3600)
-    m, s = divmod(rem, 60)
+    m, s = divmod(int(round(seconds)), 60)
+    h, m = divmod(m, 60)
     return f"{h}h {m:02d}m {s:02d}s" if h else (f"{m}m {s:02d}s" if m else f"{s}s")
 
 
@@ -109,18 +96,14 @@ def fmt_value(v):
         return str(v)
     if isinstance(v, int):
         return f"{v:,}" if abs(v) >= 10_000 else str(v)
-    if isinstance(v, float):
-        if v != v or v in (float("inf"), float("-inf")):
-            return str(v)
+    if isinstance(v, float) and math.isfinite(v):
         return f"{v:.3e}" if v != 0 and (abs(v) >= 1e6 or abs(v) < 1e-3) else f"{v:.4f}"
     if isinstance(v, dict):
-        if len(v) <= 16 and all(not isinstance(x, (dict, list)) for x in v.values()):
-            return ", ".join(f"{k}={fmt_value(x)}" for k, x in v.items())
-        return f"({len(v)} entries)"
+        flat = len(v) <= 16 and all(not isinstance(x, (dict, list)) for x in v.values())
+        return ", ".join(f"{k}={fmt_value(x)}" for k, x in v.items()) if flat else f"({len(v)} entries)"
     if isinstance(v, list):
-        if len(v) <= 10 and all(not isinstance(x, (dict, list)) for x in v):
-            return "[" + ", ".join(fmt_value(x) for x in v) + "]"
-        return f"({len(v)} values)"
+        flat = len(v) <= 10 and all(not isinstance(x, (dict, list)) for x in v)
+        return "[" + ", ".join(fmt_value(x) for x in v) + "]" if flat else f"({len(v)} values)"
     return str(v)
 
 
@@ -148,20 +131,16 @@ def md_table(header, rows):
     return "\n".join(out)
 
 
-# -----------------------------------------------------------------------------
-# generate
-
 def load_summaries(rdir):
     """{stage: summary dict} for every report/*.json, and the names of files that could not be read."""
     summaries, unreadable = {}, []
     for path in sorted(glob.glob(os.path.join(rdir, "*.json"))):
-        stage = os.path.basename(path)[:-len(".json")]
         try:
             with open(path) as f:
                 data = json.load(f)
             if not isinstance(data, dict):
                 raise ValueError("not a JSON object")
-            summaries[stage] = data
+            summaries[os.path.basename(path)[:-len(".json")]] = data
         except (OSError, ValueError) as e:
             unreadable.append(f"{os.path.basename(path)} ({e})")
     return summaries, unreadable
@@ -179,12 +158,10 @@ def section_header(system, started, note):
         f"{system.get('cpu_cores_logical', '-')} logical cores)",
         f"- RAM: {system.get('ram_gb', '-')} GB",
     ]
-    if system.get("gpu_count"):
-        names = sorted(set(system.get("gpus", [])))
-        lines.append(f"- GPUs: {system['gpu_count']}x {', '.join(names)} ({system.get('gpu_memory_gb')} GB total), "
-                     f"CUDA {system.get('cuda')}")
-    else:
-        lines.append("- GPUs: none (CPU run)")
+    names = ", ".join(sorted(set(system.get("gpus", []))))
+    gpus = (f"{system['gpu_count']}x {names} ({system.get('gpu_memory_gb')} GB total), CUDA {system.get('cuda')}"
+            if system.get("gpu_count") else "none (CPU run)")
+    lines.append(f"- GPUs: {gpus}")
     lines.append(f"- Python {system.get('python', '-')}, PyTorch {system.get('torch', '-')}")
     return "\n".join(lines + ([f"- Run started: {started}"] if started else []))
 
@@ -197,9 +174,8 @@ def section_stage(stage, data):
         lines.append(f"- Command: `{data['command']}`")
     if isinstance(data.get("git"), dict):
         lines.append(_git_line(data["git"]))
-    args = data.get("args")
-    if isinstance(args, dict) and args:
-        lines += ["", "Settings:", ""] + [f"- {k}: {fmt_value(v)}" for k, v in args.items()]
+    if isinstance(data.get("args"), dict) and data["args"]:
+        lines += ["", "Settings:", ""] + [f"- {k}: {fmt_value(v)}" for k, v in data["args"].items()]
     results = [(k, v) for k, v in data.items() if k not in SPECIAL_KEYS and not _is_table(v)]
     if results:
         lines += ["", "Results:", ""] + [f"- {k}: {fmt_value(v)}" for k, v in results]
@@ -243,8 +219,7 @@ def metrics_table(summaries):
 
 
 def plot_curves(summaries, path):
-    """Training loss (raw and smoothed) and validation bpb of every stage that logged them. Returns
-    True if anything was plotted."""
+    """Training loss (raw and smoothed) and validation bpb of every stage that logged them; True if any."""
     curves = [(s, d) for s, d in summaries.items()
               if isinstance(d.get("losses"), list) or isinstance(d.get("val_bpb_history"), list)]
     if not curves:
@@ -280,8 +255,8 @@ def plot_curves(summaries, path):
 
 
 def generate(gpu_hour_price=3.0, cpu_hour_price=0.0, copy_to=None):
-    """Build report/report.md (and loss.png) from report/*.json; copy both to `copy_to` (default:
-    the current directory). Returns the markdown."""
+    """report/report.md (and loss.png) from report/*.json, copied to `copy_to` (default: the current
+    directory, "" for none); returns the markdown."""
     rdir = report_dir()
     summaries, unreadable = load_summaries(rdir)
     header = summaries.pop("header", None)
@@ -299,18 +274,17 @@ def generate(gpu_hour_price=3.0, cpu_hour_price=0.0, copy_to=None):
              "", section_header(system, started, note)]
     # Summary first: it is what people look for.
     wall = {s: stage_seconds(summaries[s]) for s in known + unknown if stage_seconds(summaries[s]) is not None}
-    total = sum(wall.values())
-    gpus = system.get("gpu_count") or 0
+    total, gpus = sum(wall.values()), system.get("gpu_count") or 0
     parts += ["", "## Summary", "", metrics_table(summaries), ""]
     parts += [md_table(["Stage", "Wall time"], [(STAGES.get(s, s), fmt_duration(t)) for s, t in wall.items()]
                        + [("**Total**", f"**{fmt_duration(total)}**")]), ""]
     hours = total / 3600
     if gpus:
-        parts.append(f"Estimated cost: {hours:.2f} h x {gpus} GPU(s) x ${gpu_hour_price:.2f}/GPU-hour = "
-                     f"**${hours * gpus * gpu_hour_price:,.2f}**")
+        cost = f"Estimated cost: {hours:.2f} h x {gpus} GPU(s) x ${gpu_hour_price:.2f}/GPU-hour = "
+        parts.append(cost + f"**${hours * gpus * gpu_hour_price:,.2f}**")
     elif cpu_hour_price > 0:
-        parts.append(f"CPU run (no GPU). Estimated cost: {hours:.2f} h x ${cpu_hour_price:.2f}/hour = "
-                     f"**${hours * cpu_hour_price:,.2f}**")
+        cost = f"CPU run (no GPU). Estimated cost: {hours:.2f} h x ${cpu_hour_price:.2f}/hour = "
+        parts.append(cost + f"**${hours * cpu_hour_price:,.2f}**")
     else:
         parts.append(f"CPU run: no GPU cost ({hours:.2f} h wall time; pass --cpu-hour-price to price the machine).")
     required = [s for s in missing if s in REQUIRED]
@@ -334,10 +308,9 @@ def generate(gpu_hour_price=3.0, cpu_hour_price=0.0, copy_to=None):
     print(f"Wrote {out}")
     copy_to = os.getcwd() if copy_to is None else copy_to
     if copy_to and os.path.realpath(copy_to) != os.path.realpath(rdir):
-        copy_md = md
         if os.path.exists(png):
             shutil.copyfile(png, os.path.join(copy_to, "report_loss.png"))
-            copy_md = md.replace("](loss.png)", "](report_loss.png)")
+        copy_md = md.replace("](loss.png)", "](report_loss.png)")
         atomic_write_bytes(os.path.join(copy_to, "report.md"), copy_md.encode("utf-8"))
         print(f"Copied to {os.path.join(copy_to, 'report.md')}")
     return md
@@ -348,8 +321,10 @@ def main(argv=None):
     sub = p.add_subparsers(dest="command", required=True)
     sub.add_parser("reset", help="archive the previous run's summaries and record this machine in header.json")
     g = sub.add_parser("generate", help="write report/report.md (+ loss.png) from report/*.json and copy it here")
-    g.add_argument("--gpu-hour-price", type=float, default=3.0, help="$ per GPU-hour for the cost estimate (default 3.0, an H100's on-demand price)")
-    g.add_argument("--cpu-hour-price", type=float, default=0.0, help="$ per hour of the machine for CPU-only runs (default 0: not priced)")
+    g.add_argument("--gpu-hour-price", type=float, default=3.0,
+                   help="$ per GPU-hour for the cost estimate (default 3.0, an H100's on-demand price)")
+    g.add_argument("--cpu-hour-price", type=float, default=0.0,
+                   help="$ per hour of the machine for CPU-only runs (default 0: not priced)")
     g.add_argument("--no-copy", action="store_true", help="do not copy report.md to the current directory")
     args = p.parse_args(argv)
     if args.command == "reset":

@@ -98,9 +98,9 @@ def test_explicit_cpu_attention_matches_sdpa(window, gqa):
     q = torch.randn(B, T, H, D, requires_grad=True)
     k = torch.randn(B, T, Hkv, D, requires_grad=True)
     v = torch.randn(B, T, Hkv, D, requires_grad=True)
-    train_path = attention(q, k, v, window, 0)  # requires_grad on CPU: explicit path
+    train_path = attention(q, k, v, window)  # requires_grad on CPU: explicit path
     with torch.no_grad():
-        sdpa_path = attention(q.detach(), k.detach(), v.detach(), window, 0)
+        sdpa_path = attention(q.detach(), k.detach(), v.detach(), window)
     # brute force: every query attends to allowed keys only
     kk, vv = k.repeat_interleave(H // Hkv, 2), v.repeat_interleave(H // Hkv, 2)
     ref = torch.zeros(B, T, H, D)
