@@ -11,20 +11,10 @@ import torch
 
 from nanochat.engine import Engine, render_prompt, prepare_for_inference
 from scripts import chat_cli
+from test_engine import one_thread  # noqa: F401 (autouse: tiny models run fastest on one thread)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ARGS = ["--source", "base", "--temperature", "0", "--max-tokens", "12"]
-
-
-@pytest.fixture(autouse=True)
-def one_thread(monkeypatch):
-    """Tiny models run fastest on one thread, and a second intra-op thread on a busy machine (CI, or
-    other jobs on these 2 cores) makes every op wait for a descheduled peer: 10-50x slower."""
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # compute_init() in the scripts leaves threads alone then
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture

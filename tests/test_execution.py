@@ -177,14 +177,17 @@ def test_invalid_arguments_are_rejected_with_the_value():
 # -----------------------------------------------------------------------------
 # isolation
 
-PROCESS_ATTEMPTS = """
-import os, subprocess, pty, multiprocessing
+# each attempt prints "<name> ALLOWED" or "<name> blocked: <error>"
+ATTEMPT = """
 def attempt(name, fn):
     try:
         fn()
         print(name, 'ALLOWED')
     except Exception as e:
         print(name, 'blocked:', type(e).__name__, e)
+"""
+
+PROCESS_ATTEMPTS = "import os, subprocess, pty, multiprocessing" + ATTEMPT + """
 def fork():
     if os.fork() == 0:
         print('CHILD-RAN', flush=True)
@@ -268,16 +271,9 @@ def test_network_namespace_is_separate():
     assert r.success and r.stdout.strip() and r.stdout.strip() != parent_ns
 
 
-WRITE_ATTEMPTS = """
-import os, pathlib, shutil, sqlite3
+WRITE_ATTEMPTS = "import os, pathlib, shutil, sqlite3" + ATTEMPT + """
 OUT = {out!r}
 KEEP = {keep!r}
-def attempt(name, fn):
-    try:
-        fn()
-        print(name, 'ALLOWED')
-    except Exception as e:
-        print(name, 'blocked:', type(e).__name__, e)
 attempt('open', lambda: open(OUT, 'w').write('x'))
 attempt('open-append', lambda: open(OUT, 'a').write('x'))
 attempt('relative', lambda: open('../../' + os.path.basename(OUT), 'w').write('x'))
