@@ -15,16 +15,14 @@ Endpoints
     GET  /v1/models            the one model served
     GET  /health, GET /stats   liveness; workers, busy, queue length, requests served, tokens generated
 
-Every error is JSON in OpenAI's shape {"error": {"message", "type", "param", "code"}} naming the
-offending value and the limit it broke; bad input is a 4xx, never a 500. On /v1 the request's `model`
-is not checked (one model answers everything, responses name it); `top_k` is an extension; `n` must
-be 1; `stop`, tools and logprobs are refused rather than silently ignored.
+Errors are JSON in OpenAI's shape {"error": {"message", "type", "param", "code"}}, naming the value
+and the limit it broke; bad input is a 4xx, never a 500. On /v1 `model` is not checked (one model
+answers all); `top_k` is an extension; `n` must be 1; `stop`, tools and logprobs are refused.
 
 Workers: each owns a model replica and its Engine (one per GPU by default; --num-workers replicas on
-CPU/MPS) and generates on its own thread, tokens coming back through an asyncio.Queue, so the event
-loop keeps serving. Requests wait FIFO for a free worker. A client that disconnects (the page's stop
-button aborts its fetch) sets a flag the worker checks every token; the worker rejoins the pool as
-soon as its thread has stopped.
+CPU/MPS) and generates on its own thread, tokens coming back through an asyncio.Queue. Requests wait
+FIFO for a free worker. A client that disconnects (the page's stop button) sets a flag the worker
+checks every token; the worker rejoins the pool once its thread has stopped.
 """
 
 import os
@@ -244,9 +242,8 @@ class Worker:
         "stop"|"length"|"cancelled") or ("error", message). Returns the number of tokens generated."""
         n = 0
         try:
-            gen = self.engine.generate(prompt, num_samples=1, max_tokens=max_tokens, temperature=req.temperature,
-                                       top_k=req.top_k or None, top_p=req.top_p if req.top_p < 1.0 else None,
-                                       seed=req.seed)
+            gen = self.engine.generate(prompt, max_tokens=max_tokens, temperature=req.temperature, seed=req.seed,
+                                       top_k=req.top_k or None, top_p=req.top_p if req.top_p < 1.0 else None)
             with torch.inference_mode(), closing(gen):
                 for token_column, _mask_column in gen:
                     token = int(token_column[0])
@@ -314,9 +311,7 @@ class WorkerPool:
         finally:
             self.waiting -= 1
         worker.busy = True
-        loop = asyncio.get_running_loop()
-        queue = asyncio.Queue()
-        cancel = threading.Event()
+        loop, queue, cancel = asyncio.get_running_loop(), asyncio.Queue(), threading.Event()
 
         def emit(item):  # called on the worker thread
             try:
