@@ -83,7 +83,7 @@ def _attention_explicit(q, k, v, window):
     if q.size(1) != k.size(1):
         rep = q.size(1) // k.size(1)
         k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-    T = q.size(2)
     scores = (q @ k.transpose(-1, -2)).float() * q.size(-1) ** -0.5
-    probs = torch.softmax(scores.masked_fill(~_mask(0, T, T, window, q.device), float("-inf")), dim=-1).to(q.dtype)
+    allowed = _mask(0, q.size(2), q.size(2), window, q.device)
+    probs = torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1).to(q.dtype)
     return probs @ v

@@ -53,8 +53,7 @@ def rows_to_batch(rows, pad_id, length=None, device="cpu"):
         keep[r, :len(mask)] = torch.tensor(mask, dtype=torch.bool)
     inputs = ids_t[:, :-1]
     targets = torch.where(keep[:, 1:], ids_t[:, 1:], torch.full_like(ids_t[:, 1:], -1))
-    device = torch.device(device)
-    if device.type == "cuda":  # pinning memory needs CUDA: on CPU-only torch pin_memory() crashes
+    if torch.device(device).type == "cuda":  # pinning memory needs CUDA: on CPU-only torch pin_memory() crashes
         return (inputs.pin_memory().to(device, non_blocking=True),
                 targets.pin_memory().to(device, non_blocking=True))
     return inputs.contiguous().to(device), targets.contiguous().to(device)
@@ -89,8 +88,6 @@ def drop_overlong(task, tokenizer, capacity):
 
 class _Batcher:
     """Shared: the mixture, the shapes, this rank's row slots of a step's R, the resume-state check."""
-    kind = None
-
     def __init__(self, dataset, tokenizer, B, T, rows_per_step, rank, world_size, device):
         if len(dataset) == 0:
             raise ValueError(f"{type(self).__name__}: the conversation mixture is empty")
@@ -100,8 +97,7 @@ class _Batcher:
                              f"{world_size}; pick a --device-batch-size that divides {self.R // max(world_size, 1)}")
         self.dataset, self.tok, self.B, self.T, self.device = dataset, tokenizer, B, T, device
         self.N, self.bos = len(dataset), tokenizer.get_bos_token_id()
-        per_rank = self.R // world_size
-        self.streams = list(range(rank * per_rank, (rank + 1) * per_rank))
+        self.streams = list(range(rank * self.R // world_size, (rank + 1) * self.R // world_size))
 
     def _check_state(self, st):
         if (st.get("kind"), st["R"], st["T"], st["N"]) != (self.kind, self.R, self.T, self.N):
@@ -130,9 +126,7 @@ class PackedBatcher(_Batcher):
         count_cut(stats, cut)
 
     def _row(self, j, stats):
-        cap = self.T + 1
-        ids, mask = [], []
-        buf = self.buffer[j]
+        cap, ids, mask, buf = self.T + 1, [], [], self.buffer[j]
         while True:
             while len(buf) < self.buffer_size:  # keep the buffer full so best fit has a choice
                 g = self.next[j]
@@ -146,8 +140,7 @@ class PackedBatcher(_Batcher):
             best = max(fits, key=lambda g: len(self._rendered[g][0]))  # the first of the longest
             buf.remove(best)
             a, m = self._rendered.pop(best)
-            ids += a
-            mask += m
+            ids, mask = ids + a, mask + m
         stats["rows"] += 1
         stats["row_tokens"] += cap
         stats["pad_tokens"] += cap - len(ids)
@@ -201,11 +194,11 @@ class PaddedBatcher(_Batcher):
         stats = new_stats()
         batches = []
         for a in range(0, len(self.streams), self.B):
-            rows = []
-            for k in self.streams[a:a + self.B]:
-                ids, mask, cut = render_row(self.tok, self.dataset[(self.next + k) % self.N], self.T + 1)
-                rows.append((ids, mask))
+            rendered = [render_row(self.tok, self.dataset[(self.next + k) % self.N], self.T + 1)
+                        for k in self.streams[a:a + self.B]]
+            for *_, cut in rendered:
                 count_cut(stats, cut)
+            rows = [(ids, mask) for ids, mask, _ in rendered]
             L = self.T + 1 if self.fixed_length else max(len(ids) for ids, _ in rows)
             stats["rows"] += len(rows)
             stats["row_tokens"] += L * len(rows)

@@ -45,8 +45,7 @@ SQUAD_RAW = os.path.join("raw", "squad", "dev-v1.1.json.zip")
 SQUAD_TEMPLATE = "Context: {context}\nQuestion: {question}\nAnswer:"
 
 
-# -----------------------------------------------------------------------------
-# The bundle: task definitions, baselines, data files
+# ---------------------------------------------------------------- The bundle: task definitions, baselines, data files
 
 @dataclass
 class CoreTask:
@@ -113,8 +112,7 @@ def load_task_data(path):
     return data
 
 
-# -----------------------------------------------------------------------------
-# Getting the bundle
+# ---------------------------------------------------------------- Getting the bundle
 
 def _is_bundle(path):
     return os.path.isfile(os.path.join(path, "core.yaml")) and os.path.isfile(os.path.join(path, "eval_meta_data.csv"))
@@ -214,8 +212,7 @@ def ensure_bundle(bundle_dir=None, url=None, progress=True):
     return target
 
 
-# -----------------------------------------------------------------------------
-# Prompts
+# ---------------------------------------------------------------- Prompts
 
 def fewshot_indices(idx, n, k):
     """k distinct indices in range(n), never idx, drawn by random.Random(FEWSHOT_SEED + idx).
@@ -281,8 +278,7 @@ def crop_left(rows, spans, max_len):
     return [r[cut:] for r in rows], [(max(1, s - cut), e - cut) for s, e in spans]
 
 
-# -----------------------------------------------------------------------------
-# Scoring
+# ---------------------------------------------------------------- Scoring
 
 @torch.no_grad()
 def span_logits(model, rows, spans, pad_id, device):
@@ -316,12 +312,10 @@ def evaluate_example(model, tokenizer, data, idx, task, device, max_len=None):
     details = {"prompts": prompts, "spans": spans}
     if task.task_type == "language_modeling":
         predicted = logits[0].argmax(dim=-1)
-        details["predicted"] = predicted.tolist()
-        return bool(torch.equal(predicted, targets[0])), details
+        return bool(torch.equal(predicted, targets[0])), {**details, "predicted": predicted.tolist()}
     mean_losses = [torch.nn.functional.cross_entropy(lg, tg).item() for lg, tg in zip(logits, targets)]
     chosen = min(range(len(mean_losses)), key=mean_losses.__getitem__)
-    details.update(mean_losses=mean_losses, chosen=chosen)
-    return chosen == item["gold"], details
+    return chosen == item["gold"], {**details, "mean_losses": mean_losses, "chosen": chosen}
 
 
 def evaluate_task(model, tokenizer, task, device, max_per_task=-1, rank=0, world_size=1, progress=True):
@@ -341,8 +335,7 @@ def evaluate_task(model, tokenizer, task, device, max_per_task=-1, rank=0, world
     return correct.mean().item() if n else float("nan"), n
 
 
-# -----------------------------------------------------------------------------
-# Aggregation
+# ---------------------------------------------------------------- Aggregation
 
 def centered_accuracy(accuracy, baseline_percent):
     """0 = random guessing, 1 = perfect: (acc - b) / (1 - b) with b = baseline_percent / 100."""

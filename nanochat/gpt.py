@@ -250,8 +250,6 @@ def linear_cross_entropy(x, weight, targets, softcap, reduction="mean", weights=
     return LinearCrossEntropy.apply(x, weight, targets, weights, softcap, compiled)
 
 
-# -----------------------------------------------------------------------------
-
 class GPT(nn.Module):
     def __init__(self, config: GPTConfig, device=None):
         super().__init__()
@@ -272,8 +270,7 @@ class GPT(nn.Module):
         self.windows = window_sizes(config)
         self.compute_dtype = torch.float32
         self.compiled = False  # whether training runs the trunk and loss kernels under torch.compile
-        self._compiled_trunk = None
-        self._rope_cache = {}
+        self._compiled_trunk, self._rope_cache = None, {}
 
     @torch.no_grad()
     def init_weights(self):
@@ -373,8 +370,7 @@ class GPT(nn.Module):
         by_shape = {}
         for p in self.transformer.h.parameters():
             by_shape.setdefault(tuple(p.shape), []).append(p)
-        for shape in sorted(by_shape):
-            ps = by_shape[shape]
+        for _, ps in sorted(by_shape.items()):
             groups.append({"kind": "muon", "params": ps, "names": [names[p] for p in ps], "lr": matrix_lr,
                            "momentum": 0.95, "weight_decay": weight_decay})
         assert sum(len(g["params"]) for g in groups) == len(names), "every parameter in exactly one optimizer group"

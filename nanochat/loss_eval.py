@@ -29,6 +29,4 @@ def evaluate_bpb(model, batches, token_bytes):
         pair = torch.stack([nats, nbytes])
         dist.all_reduce(pair)
         nats, nbytes = pair[0], pair[1]
-    if nbytes.item() == 0:
-        return float("inf")
-    return nats.item() / (math.log(2) * nbytes.item())
+    return nats.item() / (math.log(2) * nbytes.item()) if nbytes.item() else float("inf")

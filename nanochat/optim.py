@@ -68,9 +68,8 @@ class MuonAdamW(torch.optim.Optimizer):
             if g["kind"] == "muon" and len({tuple(p.shape) for p in g["params"]}) != 1:
                 raise ValueError("all parameters of a muon group must have the same shape")
             g.setdefault("names", [f"p{id(p)}" for p in g["params"]])
-        super().__init__(param_groups, {})
-        for g in self.param_groups:
             g.setdefault("initial_lr", g["lr"])
+        super().__init__(param_groups, {})
         if ortho not in ("polar", "ns"):
             raise ValueError(f"ortho must be 'polar' or 'ns', got {ortho!r}")
         self.rank, self.world_size = rank, world_size
@@ -127,10 +126,9 @@ class MuonAdamW(torch.optim.Optimizer):
                 if owned:
                     self._muon_update(group, owned, g[:len(owned)])
                 if W > 1:  # padding slots ship zeros, dropped on receipt
-                    local = torch.stack([q.data for q in owned]) if owned else g.new_empty(0, *g.shape[1:])
+                    local = _pad_rows(torch.stack([q.data for q in owned]) if owned else g[:0], end - start)
                     full = local.new_empty(padded, *local.shape[1:])
-                    gathers.append((group, full, _all_gather(full, _pad_rows(local, end - start).contiguous(),
-                                                             async_op=True)))
+                    gathers.append((group, full, _all_gather(full, local.contiguous(), async_op=True)))
         # Phase 3: copy gathered parameters into place.
         for group, buf, work in gathers:
             work.wait()
@@ -188,7 +186,6 @@ class MuonAdamW(torch.optim.Optimizer):
                    if torch.is_tensor(v))
 
     # ------------------------------------------------------------------ checkpoints (any world size)
-
     def shard_state_dict(self):
         """This rank's state by parameter name, reassemblable on any number of ranks. Every tensor of a
         parameter's state is saved (a sharded AdamW tensor's rows; a Muon group's owned matrices stacked

@@ -287,14 +287,11 @@ def generate(gpu_hour_price=3.0, cpu_hour_price=0.0, copy_to=None):
         parts.append(cost + f"**${hours * cpu_hour_price:,.2f}**")
     else:
         parts.append(f"CPU run: no GPU cost ({hours:.2f} h wall time; pass --cpu-hour-price to price the machine).")
-    required = [s for s in missing if s in REQUIRED]
-    optional = [s for s in missing if s not in REQUIRED]
-    if required:
-        parts += ["", f"Missing stages: {', '.join(required)}"]
-    if optional:
-        parts += ["", f"Not run (optional): {', '.join(optional)}"]
-    if unreadable:
-        parts += ["", f"Unreadable summaries (skipped): {', '.join(unreadable)}"]
+    for label, names in (("Missing stages", [s for s in missing if s in REQUIRED]),
+                         ("Not run (optional)", [s for s in missing if s not in REQUIRED]),
+                         ("Unreadable summaries (skipped)", unreadable)):
+        if names:
+            parts += ["", f"{label}: {', '.join(names)}"]
     png = os.path.join(rdir, "loss.png")
     if plot_curves(summaries, png):
         parts += ["", "![Training loss and validation bits per byte](loss.png)"]
