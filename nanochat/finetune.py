@@ -18,10 +18,10 @@ import argparse
 import torch
 
 from nanochat.common import compute_init, print0, get_peak_flops, init_wandb, UserError
-from nanochat.optim import lr_multiplier, muon_momentum
 from nanochat.scaling import B_REF, add_lr_flags, batch_lr_scale, micro_steps, scaled_lrs, inherit_lrs
-from nanochat.training import (add_run_flags, add_start_flags, start_finetune, load_optimizer_state, use_compile,
-                               set_schedule, check_loss, all_reduce_sum, save, run_loop, eval_due, finish, close)
+from nanochat.training import (lr_multiplier, muon_momentum, add_run_flags, add_start_flags, start_finetune,
+                               load_optimizer_state, use_compile, set_schedule, check_loss, all_reduce_sum, save,
+                               run_loop, eval_due, finish, close)
 from nanochat.chat_data import PackedBatcher, PaddedBatcher, new_stats, drop_overlong
 from tasks.common import DataUnavailableError
 from tasks.mixtures import build_mixtures, chat_eval_sets
@@ -107,7 +107,7 @@ def inherit(args, parent_meta):
 
 def lr_schedule(progress, args):
     """LR multiplier at a fraction `progress` in [0, 1) of the run: warmup, flat, linear warmdown to
-    --final-lr-frac. optim.lr_multiplier on a 1000-point grid, so it also serves runs whose length is
+    --final-lr-frac. lr_multiplier on a 1000-point grid, so it also serves runs whose length is
     one epoch of packed conversations (known only as a fraction, not in steps)."""
     grid = 1000
     return lr_multiplier(min(grid - 1, int(progress * grid)), grid, round(args.warmup_ratio * grid),

@@ -14,7 +14,6 @@ import signal
 import argparse
 import threading
 
-import torch
 import torch.distributed as dist
 
 from nanochat.common import UserError, print0, git_info, compute_cleanup, write_report_json
@@ -60,6 +59,24 @@ def all_reduce_sum(t, rt):
     if rt.ddp:
         dist.all_reduce(t)
     return t
+
+
+def lr_multiplier(step, num_steps, warmup_steps, warmdown_ratio, final_lr_frac):
+    """Linear warmup over warmup_steps, flat, then linear decay to final_lr_frac over the last
+    warmdown_ratio of the run. step counts completed optimizer steps (0 = the first step)."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    warmdown = round(warmdown_ratio * num_steps)
+    start = num_steps - warmdown
+    if warmdown <= 0 or step < start:
+        return 1.0
+    progress = min(1.0, (step - start + 1) / warmdown)
+    return 1.0 - progress * (1.0 - final_lr_frac)
+
+
+def muon_momentum(step, warmup=300, start=0.85, end=0.95):
+    """Muon momentum ramps up over the first steps: low momentum while gradients change fastest."""
+    return start + (end - start) * min(1.0, step / warmup)
 
 
 def set_schedule(optimizer, lrm, momentum=None, weight_decay=None):

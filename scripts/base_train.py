@@ -24,9 +24,9 @@ from nanochat.attention import fa3_available
 from nanochat.scaling import (add_model_flags, add_lr_flags, check_model_flags, config_from_args, derive_plan,
                               describe_plan, micro_steps, estimate_memory, warn_memory, device_memory, dry_run,
                               scaled_lrs)
-from nanochat.training import (add_run_flags, use_compile, set_schedule, check_loss, resume_latest, save, run_loop,
-                               finish, close, print_samples, load_optimizer_state, TrainingError)
-from nanochat.optim import lr_multiplier, muon_momentum
+from nanochat.training import (lr_multiplier, muon_momentum, add_run_flags, use_compile, set_schedule, check_loss,
+                               resume_latest, save, run_loop, finish, close, print_samples, load_optimizer_state,
+                               TrainingError)
 from nanochat.checkpoint import stage_dir
 
 # Validation tokens per evaluation. 20 of upstream's 2^19-token batches take seconds on a GPU; on a

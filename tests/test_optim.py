@@ -3,7 +3,8 @@ on a known problem, schedules at their edges, and the checkpoint round trip of t
 
 import torch
 
-from nanochat.optim import MuonAdamW, orthogonalize, lr_multiplier, muon_momentum
+from nanochat.optim import MuonAdamW, orthogonalize
+from nanochat.training import lr_multiplier, muon_momentum
 
 
 def test_adamw_matches_torch():
