@@ -1,11 +1,8 @@
 """
-HuggingFace <-> nanochat conversion, both ways: config.json, weight names, the tokenizer and its chat
-template; load_export (an export folder back into our GPT + Tokenizer) and load_any, the one loader for
-"a checkpoint stage or an export folder".
-
-Two model types: "nanochat", transformers' built-in type (no trust_remote_code), represents models
-trained with `--no-value-embeds --no-resid-scalars --window-pattern L` exactly; "nanochat_ext" ships
-our self-contained modeling_nanochat_ext.py (registered through auto_map) for everything else.
+HuggingFace <-> nanochat conversion, both ways: config.json, weight names, the tokenizer and its chat template;
+load_export (an export folder back into GPT + Tokenizer) and load_any ("a checkpoint stage or an export folder").
+Two model types: "nanochat", transformers' built-in type, represents models trained with `--no-value-embeds
+--no-resid-scalars --window-pattern L` exactly; "nanochat_ext" ships modeling_nanochat_ext.py for the rest.
 """
 
 import os
@@ -26,8 +23,7 @@ WEIGHTS_FILE = "model.safetensors"
 
 
 class ExportError(CheckpointError):
-    """The model or folder cannot be exported/imported as asked. A CheckpointError, so that the callers of
-    load_any handle an export folder's problems as they handle a checkpoint's."""
+    """Cannot export/import as asked; a CheckpointError, so load_any's callers handle it like a checkpoint's."""
 
 
 def read_json(path):
@@ -37,9 +33,6 @@ def read_json(path):
     except (OSError, ValueError) as e:
         raise ExportError(f"cannot read {path}: {e}") from None
 
-
-# -----------------------------------------------------------------------------
-# Which model type can represent a config
 
 def builtin_missing_features(config):
     """Features of our model that transformers' built-in `nanochat` type lacks (empty = representable)."""
@@ -64,17 +57,14 @@ def choose_model_type(config, modeling="auto"):
     return EXT_TYPE if missing or modeling == "custom" else BUILTIN_TYPE
 
 
-# -----------------------------------------------------------------------------
-# Config and weight names
-
 def special_ids(tokenizer):
-    """(bos, eos list, pad). Generation stops where our engine stops: <|assistant_end|> (end of a reply) or
-    <|bos|> (a base model starting a new document). pad = <|assistant_end|>: never bos, or transformers
-    would infer an attention mask that hides the leading <|bos|> of every prompt."""
+    """(bos, eos list, pad). Generation stops where our engine does: <|assistant_end|> or <|bos|> (a new document).
+    pad = <|assistant_end|>, never bos, or transformers would infer a mask hiding every prompt's leading <|bos|>."""
     bos = tokenizer.get_bos_token_id()
-    has_end = "<|assistant_end|>" in tokenizer.get_special_tokens()
-    end = tokenizer.encode_special("<|assistant_end|>") if has_end else None
-    return (bos, [end, bos], end) if end is not None else (bos, [bos], bos)
+    if "<|assistant_end|>" not in tokenizer.get_special_tokens():
+        return bos, [bos], bos
+    end = tokenizer.encode_special("<|assistant_end|>")
+    return bos, [end, bos], end
 
 
 def _layouts(config):
@@ -92,9 +82,8 @@ def hf_config(config, tokenizer, model_type):
     """config.json contents (a dict) for our GPTConfig."""
     bos, eos, pad = special_ids(tokenizer)
     common = {**{k: getattr(config, f) for k, f in _CONFIG_KEYS.items()}, "intermediate_size": 4 * config.n_embd,
-              "final_logit_softcapping": config.softcap if config.softcap > 0 else None, "bos_token_id": bos,
-              "eos_token_id": eos, "pad_token_id": pad, "tie_word_embeddings": False, "use_cache": True,
-              "dtype": "float32"}
+              "final_logit_softcapping": config.softcap if config.softcap > 0 else None, "tie_word_embeddings": False,
+              "bos_token_id": bos, "eos_token_id": eos, "pad_token_id": pad, "use_cache": True, "dtype": "float32"}
     if model_type == BUILTIN_TYPE:
         return {"architectures": ["NanoChatForCausalLM"], "model_type": BUILTIN_TYPE, **common,
                 "hidden_act": "relu2", "attention_bias": False, "attention_dropout": 0.0,
@@ -113,13 +102,11 @@ def config_from_hf(hf):
     """Our GPTConfig from a config.json dict of either type; ExportError naming anything we cannot run."""
     mt = hf.get("model_type")
     if mt not in (BUILTIN_TYPE, EXT_TYPE):
-        raise ExportError(f"model_type {mt!r} is not a nanochat model: only '{BUILTIN_TYPE}' and '{EXT_TYPE}' "
-                          f"exports can be imported")
+        raise ExportError(f"model_type {mt!r} is not a nanochat model: only '{BUILTIN_TYPE}' and '{EXT_TYPE}' import")
     H, n_head = hf["hidden_size"], hf["num_attention_heads"]
     rope = hf.get("rope_parameters") or {}
     problems = [msg for bad, msg in [
-        (hf.get("intermediate_size", 4 * H) != 4 * H,
-         f"intermediate_size={hf.get('intermediate_size')} (nanochat's MLP is 4 x hidden_size = {4 * H})"),
+        (hf.get("intermediate_size", 4 * H) != 4 * H, f"intermediate_size={hf.get('intermediate_size')} != 4 x {H}"),
         (hf.get("hidden_act", "relu2") != "relu2", f"hidden_act={hf.get('hidden_act')!r} (nanochat uses relu2)"),
         (hf.get("attention_bias"), "attention_bias=true (nanochat has no biases)"),
         (hf.get("tie_word_embeddings"), "tie_word_embeddings=true (nanochat's embedding and lm_head are separate)"),
@@ -136,11 +123,10 @@ def config_from_hf(hf):
     else:
         rope_base, pattern = hf["rope_theta"], hf.get("nanochat_window_pattern", "L")
         value_embeds, resid_scalars = bool(hf.get("value_embed_layers")), bool(hf.get("resid_scalars"))
-    softcap = hf.get("final_logit_softcapping")
     config = GPTConfig(**{f: hf[k] for k, f in _CONFIG_KEYS.items() if hf.get(k) is not None},
                        **({} if hf.get("num_key_value_heads") else {"n_kv_head": n_head}), window_pattern=pattern,
                        value_embeds=value_embeds, resid_scalars=resid_scalars,
-                       softcap=float(softcap) if softcap else 0.0, rope_base=float(rope_base))
+                       softcap=float(hf.get("final_logit_softcapping") or 0.0), rope_base=float(rope_base))
     if mt == EXT_TYPE:
         # The layout is derived from our config on import; refuse an export whose explicit layout differs.
         want_ve, want_windows = _layouts(config)
@@ -161,7 +147,6 @@ _TOP_NAMES = {"transformer.wte.weight": "model.embed_tokens.weight", "lm_head.we
 
 
 def hf_name(name):
-    """Our state-dict key -> the HF key."""
     name = name.removeprefix("_orig_mod.")
     if name in _TOP_NAMES:
         return _TOP_NAMES[name]
@@ -174,23 +159,15 @@ def hf_name(name):
     raise ExportError(f"no HF name for parameter {name!r}: nanochat/hf_convert.py needs updating for this model")
 
 
-def state_dict_to_hf(state):
-    return {hf_name(k): v.detach().to("cpu", torch.float32).contiguous() for k, v in state.items()}
-
-
 def state_dict_from_hf(hf_state, config):
     """HF weights -> our state dict, via the inverse of hf_name over the keys our model has."""
     with torch.device("meta"):
         inverse = {hf_name(n): n for n in GPT(config).state_dict()}
     unknown, missing = sorted(set(hf_state) - set(inverse)), sorted(set(inverse) - set(hf_state))
     if unknown or missing:
-        raise ExportError(f"the export's weights do not match its config: unexpected {unknown[:5]}, "
-                          f"missing {missing[:5]}")
+        raise ExportError(f"export weights do not match its config: unexpected {unknown[:5]}, missing {missing[:5]}")
     return {inverse[k]: v for k, v in hf_state.items()}
 
-
-# -----------------------------------------------------------------------------
-# Tokenizer: tiktoken ranks <-> a tokenizers (Rust) byte-level BPE that encodes identically
 
 # Strings that trip tokenizer conversions (contractions, digits, special-token text, scripts, emoji,
 # odd whitespace); the import checks them, the verification adds held-out text.
@@ -204,30 +181,25 @@ TRICKY_TEXTS = [
     "emoji: 😀 🤖👍🏽 👨‍👩‍👧‍👦 🇫🇷 ❤️ ✨🔥 and a lone variation selector \ufe0f",
     "whitespace:  two  spaces\tTab\t\ttabs\nnewline\r\nCRLF\n\n\nblank lines   \n  trailing   ",
     "odd spaces:\u00a0nbsp\u2009thin\u3000ideographic\u2028line sep\u0085nel\u200bzero-width",
-    "code:\n    def f(x):\n        return x ** 2  # square\n\tif (a&&b) { printf(\"%d\\n\", a[i]); }",
-    "", " ", "a",
-]
+    "code:\n    def f(x):\n        return x ** 2  # square\n\tif (a&&b) { printf(\"%d\\n\", a[i]); }", "", " ", "a"]
 
 
 def hf_tokenizer_object(tokenizer):
-    """A `tokenizers.Tokenizer` equal to ours: vocab = our ranks in the GPT-2 byte->unicode alphabet;
-    merges recovered from the ranks (every split of a token into two tokens, ordered by the merged
-    token's rank -- the standard tiktoken conversion, so BPE merges happen in tiktoken's order);
-    pre-tokenizer = our split regex, then byte-level mapping; special tokens as added tokens with
-    our ids. ignore_merges=True mirrors tiktoken's shortcut of taking a whole piece that is a token."""
+    """A `tokenizers.Tokenizer` equal to ours: our ranks in the GPT-2 byte->unicode alphabet; merges recovered
+    from the ranks (each split into two tokens, ordered by the merged token's rank, so merges happen in tiktoken's
+    order); our split regex, then byte-level; specials as added tokens. ignore_merges=True mirrors tiktoken
+    taking a whole piece that is a token."""
     from tokenizers import Tokenizer as HFTokenizer, Regex, AddedToken, decoders, models, pre_tokenizers
     from transformers.convert_slow_tokenizer import bytes_to_unicode
     ranks, b2u = tokenizer.get_mergeable_ranks(), bytes_to_unicode()
-
-    def s(b):
-        return "".join(b2u[x] for x in b)
+    s = {tok: "".join(b2u[x] for x in tok) for tok in ranks}  # token bytes -> byte-level alphabet string
     merges = []
     for tok, rank in ranks.items():
         splits = [(tok[:i], tok[i:]) for i in range(1, len(tok)) if tok[:i] in ranks and tok[i:] in ranks]
         merges.extend((rank, a, b) for a, b in sorted(splits, key=lambda p: (ranks[p[0]], ranks[p[1]])))
     merges.sort(key=lambda m: m[0])
-    hf = HFTokenizer(models.BPE(vocab={s(tok): rank for tok, rank in ranks.items()},
-                                merges=[(s(a), s(b)) for _, a, b in merges], fuse_unk=False, ignore_merges=True))
+    hf = HFTokenizer(models.BPE(vocab={s[tok]: rank for tok, rank in ranks.items()},
+                                merges=[(s[a], s[b]) for _, a, b in merges], fuse_unk=False, ignore_merges=True))
     hf.pre_tokenizer = pre_tokenizers.Sequence([
         pre_tokenizers.Split(Regex(tokenizer.get_pattern()), behavior="isolated", invert=False),
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
@@ -235,9 +207,8 @@ def hf_tokenizer_object(tokenizer):
     specials = sorted((tokenizer.encode_special(t), t) for t in tokenizer.get_special_tokens())
     for expected, (i, t) in enumerate(specials, start=len(ranks)):
         if i != expected:
-            raise ExportError(f"special token {t!r} has id {i}, but an HF tokenizer appends added tokens after "
-                              f"the {len(ranks)} BPE tokens (expected id {expected}); this vocabulary layout "
-                              f"cannot be exported")
+            raise ExportError(f"special token {t!r} has id {i}, but HF appends added tokens after the {len(ranks)} "
+                              f"BPE tokens (expected id {expected}): this vocabulary layout cannot be exported")
     hf.add_special_tokens([AddedToken(t, special=True, normalized=False) for _, t in specials])
     return hf
 
@@ -281,8 +252,7 @@ CHAT_TEMPLATE = r"""
 
 
 def write_tokenizer(tokenizer, out_dir, sequence_len):
-    """tokenizer.json, tokenizer_config.json (bos/eos/pad) and, when the tokenizer has nanochat's chat
-    special tokens, the chat template."""
+    """tokenizer.json, tokenizer_config.json (bos/eos/pad) and the chat template when it has our chat tokens."""
     from transformers import PreTrainedTokenizerFast
     bos, eos, pad = special_ids(tokenizer)
     name = tokenizer.id_to_token
@@ -302,9 +272,8 @@ def write_tokenizer(tokenizer, out_dir, sequence_len):
 
 
 def tokenizer_from_hf(path):
-    """Our Tokenizer rebuilt from an export's tokenizer.json + tokenizer_config.json: byte-level BPE
-    vocab -> tiktoken ranks, added special tokens, the Split regex. Refuses (ExportError) a tokenizer
-    tiktoken cannot reproduce, and checks the tricky strings against the tokenizers library itself."""
+    """Our Tokenizer from an export's tokenizer.json + tokenizer_config.json; refuses one tiktoken cannot
+    reproduce, checking the tricky strings against the tokenizers library itself."""
     from tokenizers import Tokenizer as HFTokenizer
     from transformers.convert_slow_tokenizer import bytes_to_unicode
     tj_path = os.path.join(path, "tokenizer.json")
@@ -338,29 +307,8 @@ def tokenizer_from_hf(path):
     return tok
 
 
-# -----------------------------------------------------------------------------
-# Import
-
-def is_export_dir(path):
-    return os.path.isdir(str(path)) and os.path.isfile(os.path.join(str(path), "config.json"))
-
-
-def _load_hf_weights(path):
-    from safetensors.torch import load_file
-    if os.path.isfile(os.path.join(path, WEIGHTS_FILE)):
-        return load_file(os.path.join(path, WEIGHTS_FILE))
-    index = os.path.join(path, "model.safetensors.index.json")
-    if not os.path.isfile(index):
-        raise ExportError(f"{path} has no {WEIGHTS_FILE} (or sharded model.safetensors.index.json)")
-    state = {}
-    for shard in sorted(set(read_json(index)["weight_map"].values())):
-        state.update(load_file(os.path.join(path, shard)))
-    return state
-
-
 def load_export(path, device, phase="eval", compute_dtype=None):
-    """(model, tokenizer, meta) from an HF export folder of type nanochat or nanochat_ext: our GPT with
-    the export's weights and our Tokenizer rebuilt from its tokenizer.json. meta has model_config,
+    """(model, tokenizer, meta) from an HF export folder of either type; meta has model_config,
     tokenizer_fingerprint, source (the path), step and the export's own record when present."""
     path = str(path)
     if not os.path.isfile(os.path.join(path, "config.json")):
@@ -369,9 +317,16 @@ def load_export(path, device, phase="eval", compute_dtype=None):
     config = config_from_hf(hf_cfg)
     tokenizer = tokenizer_from_hf(path)
     if config.vocab_size != tokenizer.get_vocab_size():
-        raise ExportError(f"{path}: config vocab_size {config.vocab_size} != tokenizer vocab "
-                          f"{tokenizer.get_vocab_size()}")
-    state = state_dict_from_hf(_load_hf_weights(path), config)
+        raise ExportError(f"{path}: config vocab_size {config.vocab_size} != tokenizer's {tokenizer.get_vocab_size()}")
+    from safetensors.torch import load_file
+    index = os.path.join(path, "model.safetensors.index.json")  # a save_pretrained may have sharded the weights
+    if os.path.isfile(os.path.join(path, WEIGHTS_FILE)):
+        shards = [WEIGHTS_FILE]
+    elif os.path.isfile(index):
+        shards = sorted(set(read_json(index)["weight_map"].values()))
+    else:
+        raise ExportError(f"{path} has no {WEIGHTS_FILE} (or sharded model.safetensors.index.json)")
+    state = state_dict_from_hf({k: v for f in shards for k, v in load_file(os.path.join(path, f)).items()}, config)
     model = build_model(config, device, compute_dtype or torch.float32)
     model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
     model.train(phase == "train")

@@ -1,7 +1,7 @@
 """
-Proving a HuggingFace export rather than trusting it (community exports' known failure is a tokenizer out of
-sync with the weights): verify_export loads it with stock transformers and compares it with our model,
-tokenizer, engine and chat format. Also the decode speed of our engine vs transformers' generate.
+Proving a HuggingFace export rather than trusting it (community exports' known failure is a tokenizer out of sync
+with the weights): verify_export compares stock transformers with our model, tokenizer, engine and chat format.
+Also the decode speed of our engine vs transformers' generate.
 """
 
 import os
@@ -25,19 +25,15 @@ class VerificationError(ExportError):
     """The export loads in transformers but does not reproduce our model or tokenizer."""
 
 
-# -----------------------------------------------------------------------------
-# Held-out text, prompts and conversations
-
 _CONVERSATIONS = [
     {"messages": [{"role": "user", "content": "Hello! Who are you?"},
                   {"role": "assistant", "content": "I'm nanochat, a small language model."}]},
     {"messages": [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "What is 2+2?"},
                   {"role": "assistant", "content": "4"}, {"role": "user", "content": "And times three? 😀"},
                   {"role": "assistant", "content": "12."}]},
-    {"messages": [{"role": "user", "content": "Compute 17*23 with the tool."},
-                  {"role": "assistant", "content": [
-                      {"type": "text", "text": "Let me compute that. "}, {"type": "python", "text": "17*23"},
-                      {"type": "python_output", "text": "391"}, {"type": "text", "text": " So the answer is 391."}]}]},
+    {"messages": [{"role": "user", "content": "Compute 17*23 with the tool."}, {"role": "assistant", "content": [
+        {"type": "text", "text": "Let me compute that. "}, {"type": "python", "text": "17*23"},
+        {"type": "python_output", "text": "391"}, {"type": "text", "text": " So the answer is 391."}]}]},
     {"messages": [{"role": "user", "content": "  leading and trailing spaces \n\n"},
                   {"role": "assistant", "content": "\nnewline first, unicode naïve — 日本"}]},
     {"messages": [{"role": "user", "content": "Write a haiku about the sea."}]},  # prompts for the next reply
@@ -46,9 +42,8 @@ _CONVERSATIONS = [
 
 
 def heldout_texts(local_data_dir=None, max_docs=24, max_chars=4000):
-    """Text the tokenizer was not trained on: the tricky strings, documents of the validation shard
-    (the last shard, held out from training) when the base dir has shards, and instruction/response text
-    from the local data folder (chat data, never used for the tokenizer) when it is there."""
+    """Text the tokenizer was not trained on: the tricky strings, documents of the validation shard (held out
+    from training) when there are shards, and chat data from the local data folder when it is there."""
     texts = list(TRICKY_TEXTS)
     try:
         from nanochat.dataset import list_parquet_files, read_row_group
@@ -60,10 +55,8 @@ def heldout_texts(local_data_dir=None, max_docs=24, max_chars=4000):
             rows = read_json(os.path.join(local_data_dir, rel))
         except ExportError:
             continue  # this dataset is not in the local folder
-        for r in rows[: max_docs // 4] if isinstance(rows, list) else []:
-            if isinstance(r, dict):
-                answer = r.get("response", r.get("output", ""))
-                texts += [str(r.get("instruction", ""))[:max_chars], str(answer)[:max_chars]]
+        for r in [r for r in rows if isinstance(r, dict)][: max_docs // 4] if isinstance(rows, list) else []:
+            texts += [str(x)[:max_chars] for x in (r.get("instruction", ""), r.get("response", r.get("output", "")))]
     return texts
 
 
@@ -72,10 +65,8 @@ def verification_prompts(tokenizer, texts, sequence_len, n=MIN_PROMPTS, long_len
     from 1 to a long one (past a sliding window when the model has one), plus chat prompts."""
     bos = tokenizer.get_bos_token_id()
     stream = [tok for t in texts if t.strip() for tok in tokenizer.encode(t)] or [bos]
-    prompts = []
-    for k, L in enumerate([1, 5, 16, 33, 64, 100, long_len or 160]):
-        start = (k * 997) % len(stream)
-        prompts.append([bos] + (stream[start:] + stream)[: max(1, min(L, sequence_len)) - 1])
+    prompts = [[bos] + (stream[(k * 997) % len(stream):] + stream)[: max(1, min(L, sequence_len)) - 1]
+               for k, L in enumerate([1, 5, 16, 33, 64, 100, long_len or 160])]
     if all(t in tokenizer.get_special_tokens() for t in SPECIAL_TOKENS):
         chats = [tokenizer.render_for_completion(c) for c in _CONVERSATIONS[:3]]  # these end with a reply
         prompts += [p for p in chats if len(p) <= sequence_len]
@@ -83,9 +74,6 @@ def verification_prompts(tokenizer, texts, sequence_len, n=MIN_PROMPTS, long_len
         prompts.append([bos] + stream[len(prompts) * 13:][: min(24, sequence_len - 1)])
     return prompts
 
-
-# -----------------------------------------------------------------------------
-# Stock transformers
 
 def load_hf(out_dir, dtype=torch.float32):
     """(model, tokenizer) loaded from an export with stock transformers' Auto classes."""
@@ -98,16 +86,13 @@ def load_hf(out_dir, dtype=torch.float32):
 
 def _hf_ids(x):
     """apply_chat_template returns a list, or a BatchEncoding/dict, depending on the version."""
-    if isinstance(x, dict) or hasattr(x, "keys"):
-        x = x["input_ids"]
-    if isinstance(x, torch.Tensor):
-        x = x.tolist()
+    x = x["input_ids"] if hasattr(x, "keys") else x
+    x = x.tolist() if isinstance(x, torch.Tensor) else x
     return list(x[0] if x and isinstance(x[0], list) else x)
 
 
 def _greedy_hf(hf, prompt, n, stop=True):
-    """HF greedy continuation with the export's generation config; stop=False removes its end tokens
-    so that exactly n tokens come back."""
+    """HF greedy continuation with the export's generation config; stop=False: no end tokens, n tokens back."""
     from transformers import GenerationConfig
     gc = hf.generation_config
     config = GenerationConfig(do_sample=False, max_new_tokens=n, bos_token_id=gc.bos_token_id,
@@ -123,9 +108,8 @@ def _check_tokenizer(hf_tok, tokenizer, texts, failures):
     if len(hf_tok) != tokenizer.get_vocab_size():
         failures.append(f"tokenizer size {len(hf_tok)} != ours {tokenizer.get_vocab_size()}")
     for t in tokenizer.get_special_tokens():
-        if hf_tok.convert_tokens_to_ids(t) != tokenizer.encode_special(t):
-            failures.append(f"special token {t!r}: HF id {hf_tok.convert_tokens_to_ids(t)} != ours "
-                            f"{tokenizer.encode_special(t)}")
+        if (theirs := hf_tok.convert_tokens_to_ids(t)) != (ours := tokenizer.encode_special(t)):
+            failures.append(f"special token {t!r}: HF id {theirs} != ours {ours}")
     bad = []
     for text in texts:
         ours = tokenizer.encode(text)
@@ -162,9 +146,9 @@ def _check_chat_template(hf_tok, tokenizer, failures):
 
 
 def verify_export(out_dir, model, tokenizer, texts=None, atol=LOGIT_ATOL, greedy_tokens=GREEDY_TOKENS, log=print0):
-    """Load out_dir with stock transformers and compare: fp32 logits (max abs difference <= atol on >= 8
-    prompts), greedy tokens, generate() vs our engine, tokenizer ids and decoding on held-out text, the chat
-    template vs render_conversation. Returns the figures; raises VerificationError listing every mismatch."""
+    """Compare stock transformers' load of out_dir with ours: fp32 logits (<= atol on >= 8 prompts), greedy
+    tokens, generate() vs our engine, tokenizer ids and decoding, the chat template. Returns the figures;
+    raises VerificationError listing every mismatch."""
     import transformers
     texts = list(texts) if texts is not None else heldout_texts()
     failures = []
@@ -175,11 +159,11 @@ def verify_export(out_dir, model, tokenizer, texts=None, atol=LOGIT_ATOL, greedy
             hf, hf_tok = load_hf(out_dir)
         except Exception as e:
             raise VerificationError(f"stock transformers cannot load {out_dir}: {type(e).__name__}: {e}") from None
-        cfg = model.config
         _check_tokenizer(hf_tok, tokenizer, texts, failures)
         n_conv = _check_chat_template(hf_tok, tokenizer, failures)
 
         # logits on >= 8 prompts, fp32, one of them longer than the widest sliding window
+        cfg = model.config
         windows = [w for w in window_sizes(cfg) if w]
         long_len = min(cfg.sequence_len, (max(windows) + 40) if windows else 160)
         prompts = verification_prompts(tokenizer, texts, cfg.sequence_len, long_len=long_len)
@@ -207,8 +191,7 @@ def verify_export(out_dir, model, tokenizer, texts=None, atol=LOGIT_ATOL, greedy
             if len(theirs) != greedy_tokens:
                 failures.append(f"HF generate returned {len(theirs)} tokens, not {greedy_tokens}, with end tokens off")
             elif ours != theirs:
-                failures.append(f"greedy {greedy_tokens} tokens differ on a {len(p)}-token prompt: ours "
-                                f"{ours[:12]}... HF {theirs[:12]}...")
+                failures.append(f"greedy differs on a {len(p)}-token prompt: ours {ours[:12]}... HF {theirs[:12]}...")
             eng = [col[0] for col, _ in engine.generate(p, max_tokens=greedy_tokens, temperature=0)]
             theirs = _greedy_hf(hf, p, greedy_tokens, stop=True)
             if eng != theirs:
@@ -220,18 +203,13 @@ def verify_export(out_dir, model, tokenizer, texts=None, atol=LOGIT_ATOL, greedy
         raise VerificationError("the export does not reproduce the model:\n  - " + "\n  - ".join(failures))
     return {"ok": True, "max_logit_diff": max_diff, "atol": atol, "num_prompts": len(prompts),
             "num_positions": positions, "greedy_tokens": greedy_tokens, "num_greedy_prompts": len(gen_prompts),
-            "num_texts": len(texts), "num_conversations": n_conv, "transformers_version": transformers.__version__,
-            "failures": []}
+            "num_texts": len(texts), "num_conversations": n_conv, "transformers_version": transformers.__version__}
 
-
-# -----------------------------------------------------------------------------
-# Speed: our engine vs transformers' generate on the same weights
 
 def measure_generate_speed(model, tokenizer, export_dir, prompt_len=16, new_tokens=64, repeats=3,
                            dtype=torch.float32, log=print0):
-    """Greedy decode throughput at batch 1 (tokens/s, prefill included, best of `repeats` after a warm-up)
-    of our Engine and of transformers' generate (end tokens off) on the same weights, both in `dtype`,
-    transformers on the CPU. Returns {"engine_tok_s", "hf_tok_s", "speedup", ...}."""
+    """Batch-1 greedy decode tokens/s (prefill included, best of `repeats` after a warm-up) of our Engine and of
+    transformers' generate (end tokens off, on the CPU), same weights, both in `dtype`."""
     hf, _ = load_hf(export_dir, dtype)
     saved, model.compute_dtype = model.compute_dtype, dtype
     engine = Engine(model.eval(), tokenizer)
@@ -239,9 +217,7 @@ def measure_generate_speed(model, tokenizer, export_dir, prompt_len=16, new_toke
     prompt = ([tokenizer.get_bos_token_id()] + tokenizer.encode(text))[:prompt_len]
     new_tokens = min(new_tokens, model.config.sequence_len - len(prompt))
 
-    def best(fn):
-        """(best wall-clock rate, best rate per second of this process's CPU time, tokens). The CPU-time
-        rate is the one to trust on a machine shared with other jobs."""
+    def best(fn):  # (wall-clock rate, rate per CPU-second: the one to trust on a shared machine, tokens)
         fn()  # warm-up
         wall, cpu, n = [], [], 0
         for _ in range(repeats):
@@ -263,7 +239,6 @@ def measure_generate_speed(model, tokenizer, export_dir, prompt_len=16, new_toke
               "prompt_tokens": len(prompt), "new_tokens": new_tokens, "engine_tokens": engine_n, "hf_tokens": hf_n,
               "dtype": str(dtype).removeprefix("torch."), "threads": torch.get_num_threads()}
     log(f"decode speed at batch 1 ({result['dtype']}, {result['threads']} thread(s), {len(prompt)}-token prompt, "
-        f"{new_tokens} new tokens): engine {engine_rate:.1f} tok/s, transformers generate {hf_rate:.1f} tok/s, "
-        f"speedup {result['speedup']:.2f}x (per CPU-second: {engine_cpu:.1f} vs {hf_cpu:.1f}, "
-        f"{result['speedup_cpu_time']:.2f}x)")
+        f"{new_tokens} new tokens): engine {engine_rate:.1f} tok/s vs transformers generate {hf_rate:.1f} tok/s, "
+        f"{result['speedup']:.2f}x (CPU time: {engine_cpu:.1f} vs {hf_cpu:.1f}, {result['speedup_cpu_time']:.2f}x)")
     return result

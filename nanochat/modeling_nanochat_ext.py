@@ -1,17 +1,13 @@
 """
-transformers modeling code for nanochat models that use features transformers' built-in `nanochat`
-model type lacks: value embeddings (gated per KV head, on alternating layers), per-layer residual
-scalars (x = a_i * x + b_i * x0 before every block) and sliding-window attention layers.
-
-nanochat's export (nanochat/hf_export.py) copies this file verbatim into an export folder and registers
-it through `auto_map` in config.json, so stock transformers loads such a model with
-`AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)`. It must therefore stay
-self-contained: it imports torch and transformers only, never the nanochat package. The forward pass
-mirrors nanochat/gpt.py exactly (the export's verification step checks the logits to 1e-4):
+transformers modeling code for nanochat models with features transformers' built-in `nanochat` type lacks: value
+embeddings (gated per KV head, on alternating layers), per-layer residual scalars (x = a_i * x + b_i * x0 before
+every block) and sliding-window attention. nanochat's export copies this file into the export folder and names it
+in config.json's `auto_map`, so `AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)` loads it; it
+must stay self-contained (torch and transformers only, never nanochat). The forward pass mirrors nanochat/gpt.py
+exactly (the export's verification checks the logits to 1e-4):
   embedding -> RMSNorm -> [resid scalars] -> pre-norm blocks -> final RMSNorm -> lm_head -> softcap
-  attention: q, k, v projections; v += gate * value embedding; RoPE (half-split pairing); QK RMSNorm
-  after RoPE; causal (optionally windowed) softmax(q k^T / sqrt(D)) v; output projection
-  MLP: relu(x W1)^2 W2
+  attention: q, k, v; v += gate * value embedding; RoPE (half-split pairing); QK RMSNorm after RoPE;
+  causal (optionally windowed) softmax(q k^T / sqrt(D)) v; output projection. MLP: relu(x W1)^2 W2
 """
 
 import torch
@@ -72,18 +68,14 @@ def _rotate(x, cos, sin):
 class NanoChatExtAttention(nn.Module):
     def __init__(self, config, layer_idx):
         super().__init__()
-        self.layer_idx = layer_idx
+        self.layer_idx, self.eps = layer_idx, config.rms_norm_eps
         self.n_head, self.n_kv_head = config.num_attention_heads, config.num_key_value_heads
         self.head_dim = config.hidden_size // config.num_attention_heads
-        self.eps = config.rms_norm_eps
         d, kvd = config.hidden_size, self.n_kv_head * self.head_dim
-        self.q_proj = nn.Linear(d, d, bias=False)
-        self.k_proj = nn.Linear(d, kvd, bias=False)
-        self.v_proj = nn.Linear(d, kvd, bias=False)
-        self.o_proj = nn.Linear(d, d, bias=False)
-        self.ve_gate = None
-        if layer_idx in config.value_embed_layers:
-            self.ve_gate = nn.Linear(min(config.ve_gate_channels, d), self.n_kv_head, bias=False)
+        self.q_proj, self.o_proj = nn.Linear(d, d, bias=False), nn.Linear(d, d, bias=False)
+        self.k_proj, self.v_proj = nn.Linear(d, kvd, bias=False), nn.Linear(d, kvd, bias=False)
+        self.ve_gate = (nn.Linear(min(config.ve_gate_channels, d), self.n_kv_head, bias=False)
+                        if layer_idx in config.value_embed_layers else None)
 
     def forward(self, x, ve, cos, sin, mask, past_key_values):
         B, T, _ = x.shape
@@ -131,8 +123,6 @@ class NanoChatExtPreTrainedModel(PreTrainedModel):
     _no_split_modules = ["NanoChatExtDecoderLayer"]
     _skip_keys_device_placement = ["past_key_values"]
     _supports_sdpa = True
-    # get/set_input_embeddings and get/set_output_embeddings: transformers' defaults find embed_tokens
-    # (here or under .model) and lm_head
 
     def _init_weights(self, module):
         # Only used for a freshly constructed model; from_pretrained overwrites every weight.
@@ -150,17 +140,14 @@ class NanoChatExtModel(NanoChatExtPreTrainedModel):
         self.value_embeds = nn.ModuleDict({str(i): nn.Embedding(config.vocab_size, kvd)
                                            for i in config.value_embed_layers})
         self.layers = nn.ModuleList([NanoChatExtDecoderLayer(config, i) for i in range(config.num_hidden_layers)])
-        if config.resid_scalars:
-            self.resid_lambdas = nn.Parameter(torch.ones(config.num_hidden_layers))
-            self.x0_lambdas = nn.Parameter(torch.full((config.num_hidden_layers,), 0.1))
-        else:
-            self.resid_lambdas = self.x0_lambdas = None
+        n, scalars = config.num_hidden_layers, config.resid_scalars
+        self.resid_lambdas = nn.Parameter(torch.ones(n)) if scalars else None
+        self.x0_lambdas = nn.Parameter(torch.full((n,), 0.1)) if scalars else None
         self.post_init()
 
     def _masks(self, B, T, past, attention_mask, device):
-        """Boolean attention masks (B, 1, T, past+T), one per distinct window size. Slot order is
-        causal order; a 2D attention_mask (B, past+T) removes padded keys; a query always sees its
-        own slot, so a fully padded row yields finite values instead of NaN."""
+        """Boolean masks (B, 1, T, past+T), one per window size. Slot order is causal order; a 2D attention_mask
+        (B, past+T) removes padded keys; a query always sees itself, so a fully padded row is finite, not NaN."""
         Tk = past + T
         qi = torch.arange(past, Tk, device=device)[:, None]
         ki = torch.arange(Tk, device=device)[None, :]
@@ -174,11 +161,8 @@ class NanoChatExtModel(NanoChatExtPreTrainedModel):
                 keys = attention_mask.bool()[:, None, None, :]
         masks = {}
         for w in set(self.config.attention_windows):
-            allowed = causal if not w else causal & (qi - ki < w)
-            m = allowed[None, None]
-            if keys is not None:
-                m = (m & keys) | (ki == qi)[None, None]
-            masks[w] = m.expand(B, 1, T, Tk)
+            m = (causal if not w else causal & (qi - ki < w))[None, None]
+            masks[w] = (m if keys is None else (m & keys) | (ki == qi)[None, None]).expand(B, 1, T, Tk)
         return masks
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
@@ -204,8 +188,7 @@ class NanoChatExtModel(NanoChatExtPreTrainedModel):
         x = self.embed_tokens(input_ids)
         cos, sin = freqs.cos()[:, :, None, :].to(x.dtype), freqs.sin()[:, :, None, :].to(x.dtype)
         masks = self._masks(B, T, past, attention_mask, device)
-        x = _rms_norm(x, cfg.rms_norm_eps)
-        x0 = x
+        x = x0 = _rms_norm(x, cfg.rms_norm_eps)
         for i, layer in enumerate(self.layers):
             if self.resid_lambdas is not None:
                 x = self.resid_lambdas[i].to(x.dtype) * x + self.x0_lambdas[i].to(x.dtype) * x0
@@ -231,13 +214,10 @@ class NanoChatExtForCausalLM(NanoChatExtPreTrainedModel, GenerationMixin):
         if isinstance(logits_to_keep, int) and logits_to_keep > 0:
             h = h[:, -logits_to_keep:]
         logits = self.lm_head(h).float()
-        c = self.config.final_logit_softcapping
-        if c:
+        if c := self.config.final_logit_softcapping:
             logits = c * torch.tanh(logits / c)
-        loss = None
-        if labels is not None:
-            loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)), labels[:, 1:].reshape(-1),
-                                   ignore_index=-100)
+        loss = None if labels is None else F.cross_entropy(
+            logits[:, :-1].reshape(-1, logits.size(-1)), labels[:, 1:].reshape(-1), ignore_index=-100)
         return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=out.past_key_values)
 
 

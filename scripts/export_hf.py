@@ -5,21 +5,15 @@ Export a checkpoint as a HuggingFace transformers model directory, and prove it.
     python -m scripts.export_hf --source base --model-tag d4 --step 2000 --out /tmp/d4 --compare-hf
     python -m scripts.export_hf --source base --out /tmp/d2 --modeling builtin   # refuse rather than ship code
 
-Writes config.json, model.safetensors, generation_config.json, the tokenizer (tokenizer.json,
-tokenizer_config.json, chat_template.jinja) and a model card README.md with the run's metrics from
-report/*.json. A model that transformers' built-in `nanochat` type represents exactly (trained with
---no-value-embeds --no-resid-scalars --window-pattern L) is exported as that type; any other ships its
-own modeling code (modeling_nanochat_ext.py, loaded with trust_remote_code=True) and says so, unless
---modeling builtin asks to refuse instead.
+Writes config.json, model.safetensors, generation_config.json, the tokenizer with its chat template and a
+model card README.md with the run's metrics from report/*.json. A model transformers' built-in `nanochat` type
+represents exactly (trained with --no-value-embeds --no-resid-scalars --window-pattern L) is exported as that
+type; any other ships modeling_nanochat_ext.py (trust_remote_code=True), unless --modeling builtin refuses.
 
-Verification (on unless --no-verify) loads the export with stock transformers and checks fp32 logits
-(max abs difference <= 1e-4 on >= 8 prompts), 32 greedy tokens, generate() against our engine,
-token ids on held-out text (special-token text included) and the chat template against
-render_conversation. The export is written to <out>.partial and only moved to <out> once it has
-passed; a failing one is kept at <out>.rejected for inspection and the command exits with status 1.
-Held-out text comes from the validation shard and, when set, $NANOCHAT_LOCAL_DATA (or --local-data).
-
-Load it back into nanochat with any script's --source <out> (chat_cli, bench_infer, ...).
+Verification (unless --no-verify) loads the export with stock transformers and checks fp32 logits (<= 1e-4 on
+>= 8 prompts), 32 greedy tokens, generate() vs our engine, token ids on held-out text and the chat template.
+Only a passing export moves from <out>.partial to <out>; a failing one is kept at <out>.rejected (exit 1).
+Load it back with any script's --source <out> (chat_cli, bench_infer, ...).
 """
 
 import os
@@ -38,25 +32,20 @@ from nanochat.hf_verify import VerificationError, heldout_texts, measure_generat
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--source", choices=list(STAGE_DIRS), default="sft", help="checkpoint stage to export (default sft)")
+    p.add_argument("--source", choices=list(STAGE_DIRS), default="sft", help="checkpoint stage (default sft)")
     p.add_argument("--model-tag", default=None, help="checkpoint tag (default: the only one there)")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
     p.add_argument("--out", required=True, help="export directory to create")
     p.add_argument("--force", action="store_true", help="replace --out if it already exists")
     p.add_argument("--modeling", choices=["auto", "builtin", "custom"], default="auto",
-                   help="auto: transformers' built-in nanochat type when it represents the model exactly, else "
-                        "ship our modeling code; builtin: refuse unless the built-in type fits; custom: always "
-                        "ship our modeling code (default auto)")
-    p.add_argument("--no-verify", action="store_true",
-                   help="skip loading the export back with transformers and comparing it (not recommended)")
-    p.add_argument("--compare-hf", action="store_true",
-                   help="after exporting, measure greedy decode speed at batch 1 of our engine vs transformers' "
-                        "generate on the same weights, both in fp32 and both in the compute dtype this machine "
-                        "autodetects (bf16 where the hardware has it)")
+                   help="auto: the built-in type when it fits, else ship our code; builtin: refuse unless it fits; "
+                        "custom: always ship our code (default auto)")
+    p.add_argument("--no-verify", action="store_true", help="skip checking the export with transformers (not advised)")
+    p.add_argument("--compare-hf", action="store_true", help="also measure batch-1 greedy decode speed, our engine "
+                   "vs transformers' generate, in fp32 and in this machine's autodetected compute dtype")
     p.add_argument("--local-data", default=None,
-                   help="folder laid out like shared/data for held-out verification text (default $NANOCHAT_LOCAL_DATA)")
-    p.add_argument("--device-type", default="cpu",
-                   help="device our model runs on during verification; transformers runs on the CPU (default cpu)")
+                   help="held-out text to verify on, laid out like shared/data (default $NANOCHAT_LOCAL_DATA)")
+    p.add_argument("--device-type", default="cpu", help="device of our model in verification (transformers: CPU)")
     return p.parse_args(argv)
 
 
@@ -86,19 +75,16 @@ def main(argv=None):
             os.replace(partial, rejected)
             raise VerificationError(f"{e}\nThe rejected export is kept at {rejected} for inspection.") from None
         info = record_verification(partial, info, verification)
-        print0("Verified: max abs logit difference {max_logit_diff:.2e} on {num_prompts} prompts (tolerance {atol:g}); "
-               "greedy {greedy_tokens} tokens identical; tokenizer identical on {num_texts} texts; chat template "
-               "identical on {num_conversations} conversations".format(**verification))
-    if os.path.exists(out):
-        shutil.rmtree(out)
+        print0("Verified: max abs logit difference {max_logit_diff:.2e} (tolerance {atol:g}); greedy {greedy_tokens} "
+               "tokens, tokenizer on {num_texts} texts, chat template identical".format(**verification))
+    shutil.rmtree(out, ignore_errors=True)  # --force
     os.replace(partial, out)
     print0(f"Wrote {out}: " + ", ".join(sorted(os.listdir(out))))
     result = {"out": out, "model_type": info["model_type"], "source": args.source, "model_tag": tag, "step": step,
               "verification": info.get("verification")}
-    if args.compare_hf:
-        dtypes = list(dict.fromkeys([torch.float32, autodetect_dtype("cpu")[0]]))  # transformers runs on the CPU
+    if args.compare_hf:  # fp32 and the compute dtype of the CPU, where transformers runs
         result["speed"] = {str(d).removeprefix("torch."): measure_generate_speed(model, tokenizer, out, dtype=d)
-                           for d in dtypes}
+                           for d in dict.fromkeys([torch.float32, autodetect_dtype("cpu")[0]])}
     print0(json.dumps(result))
     return result
 
