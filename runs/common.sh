@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# runs/common.sh: what the run scripts share, sourced by them, never run on its own: the environment
-# (run_env), and for the two sweeps (scaling_laws.sh, miniseries.sh) the data and tokenizer set-up and one
-# sweep point's train + CORE steps.
-#
-# Environment: as documented in the run scripts (NANOCHAT_BASE_DIR, NANOCHAT_LOCAL_DATA, WANDB_RUN, NPROC,
-# SHARDS, SKIP_SETUP, CORE_CAP). Time: none of its own.
+# runs/common.sh: what the run scripts share, sourced by them, never run on its own: --help, the environment
+# and the venv, and for the two sweeps (scaling_laws.sh, miniseries.sh) the CPU demo's training flags, the data
+# and tokenizer set-up and one sweep point's train + CORE steps. Environment: as documented in the run scripts.
+
+# --help: the calling script's header comment, up to its `set -euo pipefail`.
+usage() { sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'; }
 
 # $1: the calling script's name, for messages. A relative NANOCHAT_LOCAL_DATA is resolved before the cd
 # to the repository root, so ../shared/data means what the caller meant.
@@ -19,13 +19,22 @@ run_env() {
     NPROC="${NPROC:-8}"
 }
 
-# Shards and a tokenizer, unless this base dir already has them (e.g. from runcpu.sh or speedrun.sh).
+# runs/setup.sh and its .venv, unless SKIP_SETUP=1 (then the python environment already active is used).
+setup_venv() {
+    # shellcheck disable=SC1091
+    if [ "${SKIP_SETUP:-0}" != 1 ]; then bash runs/setup.sh && source .venv/bin/activate; fi
+}
+
+# The sweeps' CPU demo: tiny models (width 64 * depth, heads of 64), 4,096-token steps, no torch.compile (its
+# start-up cost is larger than these runs), a short warmup.
+CPU_TRAIN_FLAGS=(--head-dim=64 --max-seq-len=256 --device-batch-size=16 --total-batch-size=4096 --warmup-steps=5
+                 --compile=off --eval-every=-1 --eval-tokens=65536)
+
+# The results folder $RESULTS; shards and a tokenizer, unless this base dir already has them (e.g. from
+# runcpu.sh or speedrun.sh).
 sweep_data() {
-    if [ "${SKIP_SETUP:-0}" != 1 ]; then
-        bash runs/setup.sh
-        # shellcheck disable=SC1091
-        source .venv/bin/activate
-    fi
+    mkdir -p "$RESULTS"
+    setup_venv
     if ! ls "$NANOCHAT_BASE_DIR"/base_data/*.parquet > /dev/null 2>&1; then
         if [ -n "${NANOCHAT_LOCAL_DATA:-}" ]; then
             python -m nanochat.dataset import "$NANOCHAT_LOCAL_DATA/pretrain_text" --doc-chars 2000
@@ -42,11 +51,12 @@ sweep_data() {
     fi
 }
 
-# One point of a sweep: $1 tag, $2 results folder of the point, $3 wandb run name, then base_train's flags.
-# A point whose base_train.json (or base_eval.json) is already in its folder is not run again.
+# One point of a sweep, in $RESULTS/<tag>: $1 tag, $2 the wandb run name's suffix after $WANDB_RUN, then
+# base_train's flags. A point whose base_train.json (or base_eval.json) is already there is not run again.
 sweep_point() {
-    local tag=$1 out=$2 run_name=$3
-    shift 3
+    local tag=$1 out=$RESULTS/$1 run_name=dummy
+    [ "$WANDB_RUN" = dummy ] || run_name="${WANDB_RUN}_$2"
+    shift 2
     mkdir -p "$out"
     if [ -f "$out/base_train.json" ]; then
         echo "=== $tag: already trained, skipping"

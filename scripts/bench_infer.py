@@ -1,14 +1,12 @@
 """
-Inference benchmark of the engine: prefill throughput, time to first token, decode throughput and
-time per output token at several batch sizes, and peak memory.
+Inference benchmark of the engine: prefill throughput, time to first token, decode throughput and time per
+output token at several batch sizes, and peak memory, all through Engine.generate (the path the CLI, web
+server, evals and RL use) on random prompt tokens. --random-init sizes the model from --depth exactly as
+base_train does, so a size can be benchmarked untrained. Prints a table, then one JSON line of every figure.
 
     python -m scripts.bench_infer --source base --model-tag d4
     python -m scripts.bench_infer --random-init --depth 6 --vocab-size 32768 --max-seq-len 512
     NANOCHAT_DTYPE=float32 python -m scripts.bench_infer --random-init --depth 6   # or --dtype float32
-
-Everything runs through Engine.generate (the path the CLI, web server, evals and RL use), on random
-prompt tokens. --random-init sizes the model from --depth exactly as base_train does, so a size can
-be benchmarked without training it. Prints a table, then one JSON line with every figure.
 """
 
 import argparse
@@ -26,14 +24,15 @@ from nanochat.engine import Engine, KVCache, prepare_for_inference, last_logits
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("model: a checkpoint")
-    g.add_argument("-i", "--source", default="base", help="checkpoint stage (base, mid, sft, rl) or the path of an HF export folder (default base)")
+    g.add_argument("-i", "--source", default="base",
+                   help="checkpoint stage (base, mid, sft, rl) or the path of an HF export folder (default base)")
     g.add_argument("-g", "--model-tag", default=None, help="checkpoint tag (default: the only one there)")
     g.add_argument("-s", "--step", type=int, default=None, help="checkpoint step (default: the latest)")
     g = p.add_argument_group("model: or an untrained one of a given size")
-    g.add_argument("--random-init", action="store_true", help="benchmark a randomly initialised model (no checkpoint, no tokenizer needed)")
-    g.add_argument("--depth", type=int, default=6, help="--random-init: layers; width = depth * 64 as in base_train (default 6)")
-    g.add_argument("--vocab-size", type=int, default=32768, help="--random-init: vocabulary size (default 32768)")
-    g.add_argument("--max-seq-len", type=int, default=512, help="--random-init: context length (default 512)")
+    g.add_argument("--random-init", action="store_true", help="a random model (needs no checkpoint or tokenizer)")
+    g.add_argument("--depth", type=int, default=6, help="layers; width = depth * 64 as in base_train (default 6)")
+    g.add_argument("--vocab-size", type=int, default=32768, help="vocabulary size (default 32768)")
+    g.add_argument("--max-seq-len", type=int, default=512, help="context length (default 512)")
     g = p.add_argument_group("workload")
     g.add_argument("--prompt-tokens", type=int, default=256, help="prompt length in tokens (default 256)")
     g.add_argument("--decode-tokens", type=int, default=128, help="tokens generated per row (default 128)")
@@ -41,7 +40,7 @@ def get_args(argv=None):
     g.add_argument("-t", "--temperature", type=float, default=0.0, help="sampling temperature (default 0 = greedy)")
     g.add_argument("--top-k", type=int, default=None, help="top-k for sampling (default off)")
     g.add_argument("--repeats", type=int, default=3, help="prefill timings to take the median of (default 3)")
-    g.add_argument("--dtype", default="auto", help="compute dtype: auto (the project's autodetect), bfloat16, float16 or float32")
+    g.add_argument("--dtype", default="auto", help="compute dtype: auto (autodetect), bfloat16, float16 or float32")
     g.add_argument("--device-type", default="", help="cuda, mps or cpu (default: autodetect)")
     args = p.parse_args(argv)
     try:
@@ -63,8 +62,7 @@ class _NoTokenizer:
     then never finishes early, and no tokenizer has to exist."""
 
     def __init__(self, vocab_size):
-        self.ids = {}
-        self.vocab_size = vocab_size
+        self.ids, self.vocab_size = {}, vocab_size
 
     def encode_special(self, s):
         return self.ids.setdefault(s, self.vocab_size + len(self.ids))
@@ -78,9 +76,8 @@ def load(args, rt):
     if args.random_init:
         from nanochat.scaling import model_config
         from nanochat.gpt import build_model
-        config = model_config(args.depth, args.vocab_size, max_seq_len=args.max_seq_len)
         torch.manual_seed(0)
-        model = build_model(config, rt.device, dtype)
+        model = build_model(model_config(args.depth, args.vocab_size, max_seq_len=args.max_seq_len), rt.device, dtype)
         return model, _NoTokenizer(args.vocab_size), f"random-init d{args.depth}"
     from nanochat.hf_convert import load_any
     from nanochat.checkpoint import CheckpointError
@@ -92,11 +89,6 @@ def load(args, rt):
     return model, tokenizer, f"{args.source} step {meta.get('step')}"
 
 
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def main(argv=None):
     args = get_args(argv)
     rt = compute_init(args.device_type)
@@ -104,24 +96,24 @@ def main(argv=None):
     prepare_for_inference(model)
     engine = Engine(model, tokenizer)
     cfg, device = model.config, rt.device
+    sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
     if args.prompt_tokens + args.decode_tokens > cfg.sequence_len:
         raise UserError(f"--prompt-tokens {args.prompt_tokens} + --decode-tokens {args.decode_tokens} exceed the "
-                         f"model's context of {cfg.sequence_len}: lower them")
+                        f"model's context of {cfg.sequence_len}: lower them")
     gen = torch.Generator().manual_seed(0)
     specials = {engine.bos, engine.assistant_end}
     prompt = [t for t in torch.randint(0, cfg.vocab_size, (args.prompt_tokens * 2,), generator=gen).tolist()
               if t not in specials][:args.prompt_tokens]
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    kv_bytes_per_token = 2 * cfg.n_layer * cfg.n_kv_head * cfg.head_dim * model.compute_dtype.itemsize
+    kv_bytes = 2 * cfg.n_layer * cfg.n_kv_head * cfg.head_dim * model.compute_dtype.itemsize
+    dtype = str(model.compute_dtype).removeprefix("torch.")
     threads = torch.get_num_threads() if device.type == "cpu" else None
+    mem_kind = {"cuda": "max_memory_allocated", "cpu": "peak RSS"}.get(device.type)
     print(f"model: {what}, {cfg.n_layer} layers, width {cfg.n_embd}, vocab {cfg.vocab_size}, context {cfg.sequence_len}, "
           f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params, {weight_bytes / 2**20:.0f} MiB weights, "
-          f"dtype {str(model.compute_dtype).removeprefix('torch.')}, device {device}"
-          + (f" ({threads} threads)" if threads else ""))
+          f"dtype {dtype}, device {device}" + (f" ({threads} threads)" if threads else ""))
     sample = dict(temperature=args.temperature, top_k=args.top_k)
-
-    # warm-up: first calls allocate and pick kernels
-    for _ in engine.generate(prompt, max_tokens=4, **sample):
+    for _ in engine.generate(prompt, max_tokens=4, **sample):  # warm-up: first calls allocate and pick kernels
         pass
 
     # prefill alone: the prompt through the model into a cache, last-position logits out
@@ -130,16 +122,15 @@ def main(argv=None):
         ids = torch.tensor([prompt], device=device)
         for _ in range(args.repeats):
             cache = KVCache.for_model(model, 1, len(prompt))
-            sync(device)
+            sync()
             t0 = time.perf_counter()
             last_logits(model, ids, cache)
-            sync(device)
+            sync()
             prefill_times.append(time.perf_counter() - t0)
     prefill_s = statistics.median(prefill_times)
     results = {"model": what, "n_layer": cfg.n_layer, "n_embd": cfg.n_embd, "vocab_size": cfg.vocab_size,
-               "sequence_len": cfg.sequence_len, "dtype": str(model.compute_dtype).removeprefix("torch."),
-               "device": str(device), "threads": threads, "weight_bytes": weight_bytes,
-               "kv_bytes_per_token": kv_bytes_per_token, "prompt_tokens": len(prompt),
+               "sequence_len": cfg.sequence_len, "dtype": dtype, "device": str(device), "threads": threads,
+               "weight_bytes": weight_bytes, "kv_bytes_per_token": kv_bytes, "prompt_tokens": len(prompt),
                "decode_tokens": args.decode_tokens, "prefill_tok_per_s": len(prompt) / prefill_s,
                "prefill_ms": prefill_s * 1e3, "batches": []}
     print(f"prefill: {len(prompt)} tokens in {prefill_s * 1e3:.1f} ms = {len(prompt) / prefill_s:,.0f} tok/s")
@@ -150,19 +141,16 @@ def main(argv=None):
             torch.cuda.reset_peak_memory_stats(device)
         stamps = []
         with (PeakRSS() if device.type == "cpu" else contextlib.nullcontext()) as rss:
-            sync(device)
+            sync()
             t0 = time.perf_counter()
             for _ in engine.generate(prompt, num_samples=B, max_tokens=args.decode_tokens, **sample):
                 stamps.append(time.perf_counter())  # the yield follows .tolist(), which synchronises
         peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else rss.peak if rss else None
-        steps = len(stamps)
-        gaps = [b - a for a, b in zip(stamps, stamps[1:])]
-        ttft = stamps[0] - t0
-        decode_s = stamps[-1] - stamps[0]
-        row = {"batch_size": B, "ttft_ms": ttft * 1e3, "tpot_ms_median": statistics.median(gaps) * 1e3 if gaps else None,
-               "decode_tok_per_s": B * (steps - 1) / decode_s if steps > 1 else None, "steps": steps,
-               "peak_memory_bytes": peak,
-               "peak_memory_kind": {"cuda": "max_memory_allocated", "cpu": "peak RSS"}.get(device.type)}
+        steps, gaps = len(stamps), [b - a for a, b in zip(stamps, stamps[1:])]
+        row = {"batch_size": B, "ttft_ms": (stamps[0] - t0) * 1e3,
+               "tpot_ms_median": statistics.median(gaps) * 1e3 if gaps else None,
+               "decode_tok_per_s": B * (steps - 1) / (stamps[-1] - stamps[0]) if steps > 1 else None, "steps": steps,
+               "peak_memory_bytes": peak, "peak_memory_kind": mem_kind}
         results["batches"].append(row)
         print(f"{B:>5} | {row['ttft_ms']:>8.1f} | {row['tpot_ms_median'] or 0:>8.2f} | "
               f"{row['decode_tok_per_s'] or 0:>12,.0f} | {steps:>5} | {(peak or 0) / 2**20:>8.0f}")

@@ -1,12 +1,10 @@
 """
 Training throughput and MFU of one configuration: full optimizer steps (forward, fused loss, backward,
-MuonAdamW) on random tokens, timed after warm-up (and compilation). Prints one JSON line per run.
+MuonAdamW) on random tokens, timed after warm-up (and compilation). The data loader is not included
+(base_train's logged tok/s includes it). Prints one JSON line per run; --compare-dtypes runs bf16 then fp32
+back to back in this process and then prints their throughput ratio.
 
-    python -m scripts.bench_train --depth=6 --max-seq-len=512 --device-batch-size=32
-    python -m scripts.bench_train --depth=6 --max-seq-len=512 --device-batch-size=32 --compare-dtypes
-
---compare-dtypes runs bf16 then fp32 back to back in this process and prints their throughput ratio.
-The data loader is not included (base_train's logged tok/s includes it).
+    python -m scripts.bench_train --depth=6 --max-seq-len=512 --device-batch-size=32 [--compare-dtypes]
 """
 
 import json
@@ -30,77 +28,60 @@ def get_args(argv=None):
     p.add_argument("--steps", type=int, default=5, help="timed steps per run (the best is reported with the mean)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first (compilation happens here)")
     p.add_argument("--dtype", type=str, default="auto", help="compute dtype: auto, bfloat16 or float32")
-    p.add_argument("--compare-dtypes", action="store_true", help="run bfloat16 and float32 back to back and print the ratio")
+    p.add_argument("--compare-dtypes", action="store_true", help="run bfloat16 and float32 and print the ratio")
     p.add_argument("--compile", choices=["auto", "on", "off"], default="auto", help="as in base_train")
     p.add_argument("--device-type", type=str, default="", help="cuda, mps or cpu (default: autodetect)")
     return p.parse_args(argv)
 
 
-def bench(args, rt, dtype, use_compile):
+def bench(args, rt, dtype, compiled):
     config = config_from_args(args, args.vocab_size, fa3=fa3_available(rt.device_type))
-    width = config.n_embd
     torch.manual_seed(0)
     model = build_model(config, rt.device, dtype)
     optimizer = model.setup_optimizer()
-    if use_compile:
+    if compiled:
         model.compile_for_training()
     B, T = args.device_batch_size, args.max_seq_len
-    x = torch.randint(0, args.vocab_size, (B, T), device=rt.device)
-    y = torch.randint(0, args.vocab_size, (B, T), device=rt.device)
-
-    def step():
-        loss = model(x, y)
-        loss.backward()
-        optimizer.step()
-        model.zero_grad(set_to_none=True)
-        return loss.item()  # synchronises
-
+    x, y = (torch.randint(0, args.vocab_size, (B, T), device=rt.device) for _ in range(2))
     times = []
     with PeakRSS() as mem:
-        t0 = time.time()
-        for _ in range(args.warmup):
-            step()
-        warmup_s = time.time() - t0
-        for _ in range(args.steps):
+        for _ in range(args.warmup + args.steps):
             t0 = time.time()
-            step()
+            loss = model(x, y)
+            loss.backward()
+            optimizer.step()
+            model.zero_grad(set_to_none=True)
+            loss.item()  # synchronises
             times.append(time.time() - t0)
+    warmup_s, times = sum(times[:args.warmup]), times[args.warmup:]
     peak, peak_reason = get_peak_flops(rt.device_type, dtype)
     bf16_peak, _ = get_peak_flops(rt.device_type, torch.bfloat16)
     mean, best = sum(times) / len(times), min(times)
-    tok_s = B * T / mean
-    fpt = model.flops_per_token()
+    tok_s, fpt = B * T / mean, model.flops_per_token()
     peak_mem = torch.cuda.max_memory_allocated() if rt.device_type == "cuda" else mem.peak
-    result = {
-        "depth": args.depth, "width": width, "heads": width // args.head_dim, "seq_len": T, "batch": B,
-        "vocab": args.vocab_size, "dtype": str(dtype).removeprefix("torch."), "compile": use_compile,
-        "device": rt.device_type, "threads": torch.get_num_threads(), "num_params": model.num_params()["total"],
-        "flops_per_token": fpt, "step_s_mean": mean, "step_s_best": best, "tok_per_sec": tok_s,
-        "tok_per_sec_best": B * T / best, "mfu": fpt * tok_s / peak, "mfu_vs_bf16_peak": fpt * tok_s / bf16_peak,
-        "peak_flops": peak, "peak_flops_source": peak_reason, "peak_memory_gb": peak_mem / 1e9,
-        "warmup_s": warmup_s,
-    }
-    del model, optimizer
-    return result
+    return {"depth": args.depth, "width": config.n_embd, "heads": config.n_embd // args.head_dim, "seq_len": T,
+            "batch": B, "vocab": args.vocab_size, "dtype": str(dtype).removeprefix("torch."), "compile": compiled,
+            "device": rt.device_type, "threads": torch.get_num_threads(), "num_params": model.num_params()["total"],
+            "flops_per_token": fpt, "step_s_mean": mean, "step_s_best": best, "tok_per_sec": tok_s,
+            "tok_per_sec_best": B * T / best, "mfu": fpt * tok_s / peak, "mfu_vs_bf16_peak": fpt * tok_s / bf16_peak,
+            "peak_flops": peak, "peak_flops_source": peak_reason, "peak_memory_gb": peak_mem / 1e9,
+            "warmup_s": warmup_s}
 
 
 def main(argv=None):
     args = get_args(argv)
     rt = compute_init(args.device_type)
     compiled = use_compile(args.compile, rt.device_type)
-    if args.compare_dtypes:
-        dtypes = [torch.bfloat16, torch.float32]
-    else:
-        dtypes = [autodetect_dtype(rt.device_type)[0] if args.dtype == "auto" else parse_dtype(args.dtype)]
+    dtypes = ([torch.bfloat16, torch.float32] if args.compare_dtypes else
+              [autodetect_dtype(rt.device_type)[0] if args.dtype == "auto" else parse_dtype(args.dtype)])
     results = []
     for dtype in dtypes:
-        r = bench(args, rt, dtype, compiled)
-        results.append(r)
-        print(json.dumps(r), flush=True)
+        results.append(bench(args, rt, dtype, compiled))
+        print(json.dumps(results[-1]), flush=True)
     if args.compare_dtypes:
-        ratio = results[0]["tok_per_sec"] / results[1]["tok_per_sec"]
-        print(json.dumps({"compare_dtypes": True, "bf16_tok_per_sec": results[0]["tok_per_sec"],
-                          "fp32_tok_per_sec": results[1]["tok_per_sec"], "bf16_over_fp32": ratio}), flush=True)
+        bf16, fp32 = (r["tok_per_sec"] for r in results)
+        print(json.dumps({"compare_dtypes": True, "bf16_tok_per_sec": bf16, "fp32_tok_per_sec": fp32,
+                          "bf16_over_fp32": bf16 / fp32}), flush=True)
     return results
 
 

@@ -1,11 +1,10 @@
 """
 One table from a sweep of base models: runs/scaling_laws.sh and runs/miniseries.sh copy each run's
-report/base_train.json (and report/base_eval.json, when CORE was measured) into <results dir>/<run>/;
-this reads them all and writes a markdown table (table.md) and the raw numbers (results.csv) there.
+report/base_train.json (and report/base_eval.json, when CORE was measured) into <results dir>/<run>/; this
+reads them all and writes a markdown table (table.md: rows by FLOPs budget, then depth; CORE "-" where not
+measured) and the raw numbers (results.csv) there.
 
     python -m scripts.scaling_table ~/.cache/nanochat/scaling_laws_results_cpu
-
-Rows are sorted by FLOPs budget, then depth. Runs without a base_eval.json show CORE as "-".
 """
 
 import os
@@ -21,7 +20,7 @@ def _load(path):
     try:
         with open(path) as f:
             return json.load(f)
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):  # not a run: no base_train.json, or table.md, logs
         return None
     except ValueError as e:
         raise SystemExit(f"{path} is not valid JSON ({e}); delete it or rerun that training run")
@@ -33,8 +32,6 @@ def collect(results_dir):
         raise SystemExit(f"{results_dir} is not a directory: pass the results folder a sweep script wrote")
     rows = []
     for run in sorted(os.listdir(results_dir)):
-        if not os.path.isdir(os.path.join(results_dir, run)):
-            continue  # table.md, results.csv, logs
         train = _load(os.path.join(results_dir, run, "base_train.json"))
         if train is None:
             continue
