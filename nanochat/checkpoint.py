@@ -181,18 +181,15 @@ def check_tokenizer(meta, tokenizer, where):
 def load_model(source, device, phase="eval", model_tag=None, step=None, compute_dtype=None, tokenizer=None):
     """Build a model from a checkpoint of a stage ('base', 'mid', 'sft', 'rl'). Returns (model, tokenizer,
     meta). Prints which tag and step it loaded. (An HF export folder: nanochat.hf_convert.load_any.)"""
-    from nanochat.gpt import GPTConfig, build_model
     from nanochat.tokenizer import get_tokenizer
     ckpt_dir, step = resolve_checkpoint(source, model_tag, step)
     model_state, meta, _, _ = load_checkpoint(ckpt_dir, step)
     tokenizer = tokenizer or get_tokenizer()
     check_tokenizer(meta, tokenizer, f"checkpoint {ckpt_dir} step {step}")
-    config = GPTConfig(**meta["model_config"])
-    if config.vocab_size != tokenizer.get_vocab_size():
-        raise CheckpointError(f"checkpoint vocab {config.vocab_size} != tokenizer vocab {tokenizer.get_vocab_size()}")
-    model = build_model(config, device, compute_dtype or torch.float32)
-    model_state = {k.removeprefix("_orig_mod."): v.float() for k, v in model_state.items()}
-    model.load_state_dict(model_state, strict=True)
+    vocab = meta["model_config"]["vocab_size"]
+    if vocab != tokenizer.get_vocab_size():
+        raise CheckpointError(f"checkpoint vocab {vocab} != tokenizer vocab {tokenizer.get_vocab_size()}")
+    model = model_from_state(model_state, meta, device, compute_dtype or torch.float32)
     model.train(phase == "train")
     print0(f"Loaded {source} checkpoint {os.path.basename(ckpt_dir)} step {step} from {ckpt_dir}")
     return model, tokenizer, meta

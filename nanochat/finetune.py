@@ -17,11 +17,11 @@ import argparse
 
 import torch
 
-from nanochat.common import compute_init, print0, get_peak_flops, init_wandb, UserError
-from nanochat.scaling import B_REF, add_lr_flags, batch_lr_scale, micro_steps, scaled_lrs, inherit_lrs
+from nanochat.common import print0, get_peak_flops, init_wandb, UserError
+from nanochat.scaling import B_REF, add_lr_flags, batch_lr_scale, micro_steps, inherit_lrs
 from nanochat.training import (lr_multiplier, muon_momentum, add_run_flags, add_start_flags, start_finetune,
-                               load_optimizer_state, use_compile, set_schedule, check_loss, all_reduce_sum, save,
-                               run_loop, eval_due, finish, close)
+                               set_schedule, check_loss, all_reduce_sum, save, run_loop, eval_due, finish, close,
+                               begin, build_optimizer, compile_model)
 from nanochat.chat_data import PackedBatcher, PaddedBatcher, new_stats, drop_overlong
 from tasks.common import DataUnavailableError
 from tasks.mixtures import build_mixtures, chat_eval_sets
@@ -151,33 +151,21 @@ def chat_evals(model, tokenizer, rt, gen_sets, step, seed):
 
 
 def run(stage, argv=None, description=__doc__):
-    from nanochat.tokenizer import get_tokenizer
     S = STAGES[stage]
     args = get_args(stage, argv, description)
-    rt = compute_init(args.device_type, seed=args.seed)
-    t_start = time.time()
-    print0(f"Device: {rt.device} x {rt.world_size} rank(s); compute dtype {str(rt.dtype).removeprefix('torch.')} ({rt.dtype_reason})")
-    tokenizer = get_tokenizer()
+    rt, tokenizer, t_start = begin(args)
     start = start_finetune(stage, args, tokenizer, rt, load_optimizer=bool(args.load_optimizer))
     args = start.args if args.resume else inherit(start.args, start.meta)
     model, config, meta, parent, ckpt_dir = start.model, start.model.config, start.meta, start.parent, start.ckpt_dir
-
-    T, b = args.max_seq_len, args.device_batch_size
+    T, b, R = args.max_seq_len, args.device_batch_size, args.total_batch_size // args.max_seq_len
     grad_accum = micro_steps(args.total_batch_size, T, b, rt.world_size)
-    R = args.total_batch_size // T
     if T > config.sequence_len:
         print0(f"WARNING: --max-seq-len {T} is longer than the model's training context {config.sequence_len}")
     lr_scale = batch_lr_scale(args.total_batch_size)
-    optimizer = model.setup_optimizer(**scaled_lrs(vars(args), lr_scale * args.init_lr_frac),
-                                      weight_decay=args.weight_decay, rank=rt.rank, world_size=rt.world_size)
-    load_optimizer_state(optimizer, start.optim_shards, start.where)
-    if start.optim_shards is not None:
-        print0("Optimizer moments " + ("restored" if args.resume else "warm-started from the starting checkpoint"))
+    optimizer = build_optimizer(model, args, rt, lr_scale * args.init_lr_frac, args.weight_decay, start)
     loader_states = start.loader_states
     del start
-    compiled = use_compile(args.compile, rt.device_type)
-    if compiled:
-        model.compile_for_training()
+    compiled = compile_model(model, args, rt)
 
     train_task, val_task, mixture = build_mixtures(args, tokenizer)
     if args.overlong == "drop":
@@ -189,13 +177,11 @@ def run(stage, argv=None, description=__doc__):
             raise UserError(f"no conversation's first reply fits in --max-seq-len {T} + 1 tokens: raise it or use --overlong=truncate")
     print0(f"Mixture: {len(train_task):,} conversations: " + json.dumps(mixture))
     print0(f"Validation: {len(val_task):,} conversations")
+    # Compiled kernels want one fixed shape; eager SFT pads only to each micro-batch's longest row.
+    Batcher, extra = (PackedBatcher, {}) if S["packed"] else (PaddedBatcher, {"fixed_length": compiled})
     try:
-        if S["packed"]:
-            batcher = PackedBatcher(train_task, tokenizer, b, T, R, rt.rank, rt.world_size, rt.device,
-                                    resume_state=loader_states)
-        else:  # compiled kernels want one fixed shape; eager runs pad only to each micro-batch's longest row
-            batcher = PaddedBatcher(train_task, tokenizer, b, T, R, rt.rank, rt.world_size, rt.device,
-                                    fixed_length=compiled, resume_state=loader_states)
+        batcher = Batcher(train_task, tokenizer, b, T, R, rt.rank, rt.world_size, rt.device, resume_state=loader_states,
+                          **extra)
     except ValueError as e:
         raise UserError(f"--resume: {e}") from None
     # Horizon: given, one epoch of rows (SFT: one conversation per row), or one epoch of packed
@@ -205,7 +191,6 @@ def run(stage, argv=None, description=__doc__):
            f"{grad_accum} micro-step(s); horizon: {f'{N:,} steps' if N else 'one epoch of the mixture'}")
     print0(f"LRs (x{lr_scale:.4f} batch scale x{args.init_lr_frac} init frac): embedding {args.embedding_lr}, "
            f"unembedding {args.unembedding_lr}, matrix {args.matrix_lr}, scalar {args.scalar_lr}")
-    print0(f"torch.compile: {'on' if compiled else 'off'}")
     flops_per_token = model.flops_per_token(T)
     peak, peak_reason = get_peak_flops(rt.device_type, rt.dtype)
     wandb = init_wandb(args.run, S["wandb"], vars(args))

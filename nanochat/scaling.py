@@ -148,16 +148,16 @@ def derive_plan(args, config):
             "num_params": model.num_params()}
 
 
-def describe_plan(plan, config, device_batch_size, grad_accum):
-    """The plan's lines in a training log."""
+def describe_plan(plan, config, device_batch_size, grad_accum=None):
+    """The plan's lines, in a training log and a dry run."""
     B, N = plan["total_batch_size"], plan["num_iterations"]
     print0(f"Model: {json.dumps(config.to_dict())}")
     print0("Parameters: " + ", ".join(f"{k} {v:,}" for k, v in plan["num_params"].items()))
-    print0(f"FLOPs per token: {plan['flops_per_token']:.3e}")
     print0(f"Total batch size: {B:,} tokens ({plan['batch_reason']}); device batch {device_batch_size} x "
-           f"{config.sequence_len}, {grad_accum} micro-step(s) per step")
+           f"{config.sequence_len}" + (f", {grad_accum} micro-step(s) per step" if grad_accum else ""))
     print0(f"Horizon: {N:,} steps ({plan['horizon']}), {plan['tokens']:,} tokens, "
-           f"{plan['tokens'] / plan['n_scaling']:.2f} tokens per scaling param, {plan['total_flops']:.3e} FLOPs")
+           f"{plan['tokens'] / plan['n_scaling']:.2f} tokens per scaling param; {plan['flops_per_token']:.3e} "
+           f"FLOPs per token, {plan['total_flops']:.3e} FLOPs")
     capped = plan["weight_decay_uncapped"] > plan["weight_decay"]
     print0(f"LR scale {plan['lr_scale']:.4f} (sqrt(B/2^19), at least {LR_SCALE_FLOOR}); Muon weight decay "
            f"{plan['weight_decay']:.4f}" + (f" (capped at {WD_CAP_FACTOR}x --weight-decay; the transfer rule gave "
@@ -216,12 +216,9 @@ def dry_run(args, config, plan):
                      "hours": hours, "cost_usd": hours * args.gpus * args.gpu_hour_price,
                      "gpu_hour_price": args.gpu_hour_price},
     }
-    print(f"Plan for depth {args.depth}: {plan['num_params']['total']:,} params ({plan['n_scaling']:,} scaling), "
-          f"width {config.n_embd}, {config.n_head} heads, seq {config.sequence_len}")
-    print(f"  batch {plan['total_batch_size']:,} tokens ({plan['batch_reason']}), {plan['num_iterations']:,} steps "
-          f"({plan['horizon']}), {plan['tokens']:,} tokens ({out['tokens_per_param']:.1f} per scaling param)")
-    print(f"  {plan['flops_per_token']:.3e} FLOPs/token, {plan['total_flops']:.3e} FLOPs total")
-    print(f"  on {args.gpus}x {args.gpu_type} at {args.mfu:.0%} MFU: {hours:.2f} h, ${out['estimate']['cost_usd']:,.0f} "
+    print(f"Plan for depth {args.depth}: width {config.n_embd}, {config.n_head} heads, seq {config.sequence_len}")
+    describe_plan(plan, config, args.device_batch_size)
+    print(f"On {args.gpus}x {args.gpu_type} at {args.mfu:.0%} MFU: {hours:.2f} h, ${out['estimate']['cost_usd']:,.0f} "
           f"at ${args.gpu_hour_price}/GPU-hour")
     print(json.dumps(out))
     return out

@@ -14,45 +14,21 @@ and the counts summed.
 import torch
 import torch.distributed as dist
 
-
-def _arc_easy():
-    from tasks.arc import ARC
-    return ARC("ARC-Easy", "test")
-
-
-def _arc_challenge():
-    from tasks.arc import ARC
-    return ARC("ARC-Challenge", "test")
+from tasks.arc import ARC
+from tasks.mmlu import MMLU
+from tasks.gsm8k import GSM8K
+from tasks.humaneval import HumanEval
+from tasks.spellingbee import SpellingBee
 
 
-def _mmlu():
-    from tasks.mmlu import MMLU
-    return MMLU("all", "test")
-
-
-def _gsm8k():
-    from tasks.gsm8k import GSM8K
-    return GSM8K("main", "test")
-
-
-def _humaneval():
-    from tasks.humaneval import HumanEval
-    return HumanEval()
-
-
-def _spellingbee():
-    from tasks.spellingbee import SpellingBee
-    return SpellingBee(size=256, split="test")
-
-
-# name -> (constructor, random-guess accuracy used for centering)
+# name -> (constructor, random-guess accuracy used for centering); tasks load their data when built
 TASKS = {
-    "ARC-Easy": (_arc_easy, 0.25),
-    "ARC-Challenge": (_arc_challenge, 0.25),
-    "MMLU": (_mmlu, 0.25),
-    "GSM8K": (_gsm8k, 0.0),
-    "HumanEval": (_humaneval, 0.0),
-    "SpellingBee": (_spellingbee, 0.0),
+    "ARC-Easy": (lambda: ARC("ARC-Easy", "test"), 0.25),
+    "ARC-Challenge": (lambda: ARC("ARC-Challenge", "test"), 0.25),
+    "MMLU": (lambda: MMLU("all", "test"), 0.25),
+    "GSM8K": (lambda: GSM8K("main", "test"), 0.0),
+    "HumanEval": (lambda: HumanEval(), 0.0),
+    "SpellingBee": (lambda: SpellingBee(size=256, split="test"), 0.0),
 }
 
 

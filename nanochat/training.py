@@ -16,7 +16,8 @@ import threading
 
 import torch.distributed as dist
 
-from nanochat.common import UserError, print0, git_info, compute_cleanup, write_report_json
+from nanochat.common import UserError, print0, git_info, compute_init, compute_cleanup, write_report_json
+from nanochat.scaling import scaled_lrs
 from nanochat.checkpoint import (save_checkpoint, load_checkpoint, resolve_checkpoint, check_tokenizer, stage_dir,
                                  model_from_state, list_steps)
 
@@ -101,7 +102,6 @@ def check_loss(loss, step):
 class Start(argparse.Namespace):
     """model, meta, optim_shards, loader_states, args, parent, ckpt_dir, where."""
 
-
 def resume_latest(ckpt_dir, tokenizer, rt, need_loader=True):
     """Our own latest complete checkpoint in ckpt_dir, with optimizer (and loader) state: a Start."""
     steps = list_steps(ckpt_dir)
@@ -139,14 +139,36 @@ def start_finetune(stage, args, tokenizer, rt, load_optimizer=True, need_loader=
     return s
 
 
-def load_optimizer_state(optimizer, shards, where):
-    """Moments only: the learning rates stay the ones just set."""
-    if shards is None:
-        return
-    try:
-        optimizer.load_shard_state_dicts(shards)
-    except (ValueError, KeyError) as e:
-        raise TrainingError(f"cannot load the optimizer state of {where}: {e}") from None
+def begin(args):
+    """(runtime, tokenizer, start time) of a training stage, with the device line in the log."""
+    from nanochat.tokenizer import get_tokenizer
+    rt = compute_init(args.device_type, seed=args.seed)
+    print0(f"Device: {rt.device} x {rt.world_size} rank(s); compute dtype {str(rt.dtype).removeprefix('torch.')} "
+           f"({rt.dtype_reason})")
+    return rt, get_tokenizer(), time.time()
+
+
+def build_optimizer(model, args, rt, lr_factor, weight_decay, start=None, **kwargs):
+    """MuonAdamW at each LR flag x lr_factor, with the moments of the starting checkpoint when it has them
+    (the learning rates stay the ones just set)."""
+    optimizer = model.setup_optimizer(**scaled_lrs(vars(args), lr_factor), weight_decay=weight_decay, rank=rt.rank,
+                                      world_size=rt.world_size, **kwargs)
+    if start is not None and start.optim_shards is not None:
+        try:
+            optimizer.load_shard_state_dicts(start.optim_shards)
+        except (ValueError, KeyError) as e:
+            raise TrainingError(f"cannot load the optimizer state of {start.where}: {e}") from None
+        print0("Optimizer moments " + ("restored" if args.resume else "warm-started from the starting checkpoint"))
+    return optimizer
+
+
+def compile_model(model, args, rt):
+    """torch.compile per --compile (see use_compile); returns whether it did."""
+    compiled = use_compile(getattr(args, "compile", "off"), rt.device_type)
+    if compiled:
+        model.compile_for_training()
+    print0(f"torch.compile: {'on' if compiled else 'off'}")
+    return compiled
 
 
 def save(ckpt_dir, step, meta, model, optimizer, rt, tokenizer, loop, args, loader_state=None):
@@ -167,14 +189,12 @@ class StopRequested(KeyboardInterrupt):
 
 
 class GracefulStop:
-    """Ctrl-C (SIGINT) and SIGTERM (a scheduler pre-empting the job) during a training loop only set a
-    flag; the loop calls check() between steps, which raises StopRequested, and the loop saves a
-    checkpoint of whole steps. Letting the signal raise wherever it lands is not safe: after
-    optimizer.step() but before the step counter moves, the checkpoint would be mislabelled, and inside a
-    finalizer Python swallows the exception and training just goes on. A second Ctrl-C before the step
-    ends raises a plain KeyboardInterrupt at once, for a loop stuck somewhere else (nothing is saved
-    then); once check() has fired, further signals are ignored so that they cannot cut the save short
-    (people press Ctrl-C twice)."""
+    """Ctrl-C (SIGINT) and SIGTERM (a scheduler pre-empting the job) only set a flag; the loop calls
+    check() between steps, which raises StopRequested, so the checkpoint holds whole steps. Raising where
+    the signal lands is not safe: between optimizer.step() and the step counter the checkpoint would be
+    mislabelled, and inside a finalizer Python swallows it. A second Ctrl-C before the step ends stops at
+    once, unsaved (for a loop stuck elsewhere); once check() fired, signals are ignored so that they
+    cannot cut the save short (people press Ctrl-C twice)."""
 
     def __init__(self):
         self.requested = None  # the signal's name once one arrived

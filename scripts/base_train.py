@@ -18,15 +18,14 @@ import argparse
 import torch
 import torch.distributed as dist
 
-from nanochat.common import compute_init, print0, get_peak_flops, init_wandb, run_cli, UserError
+from nanochat.common import print0, get_peak_flops, init_wandb, run_cli, UserError
 from nanochat.gpt import build_model
 from nanochat.attention import fa3_available
 from nanochat.scaling import (add_model_flags, add_lr_flags, check_model_flags, config_from_args, derive_plan,
-                              describe_plan, micro_steps, estimate_memory, warn_memory, device_memory, dry_run,
-                              scaled_lrs)
-from nanochat.training import (lr_multiplier, muon_momentum, add_run_flags, use_compile, set_schedule, check_loss,
-                               resume_latest, save, run_loop, finish, close, print_samples, load_optimizer_state,
-                               TrainingError)
+                              describe_plan, micro_steps, estimate_memory, warn_memory, device_memory, dry_run)
+from nanochat.training import (lr_multiplier, muon_momentum, add_run_flags, set_schedule, check_loss, resume_latest,
+                               save, run_loop, finish, close, print_samples, TrainingError, begin, build_optimizer,
+                               compile_model)
 from nanochat.checkpoint import stage_dir
 
 # Validation tokens per evaluation. 20 of upstream's 2^19-token batches take seconds on a GPU; on a
@@ -95,12 +94,9 @@ def main(argv=None):
         config = config_from_args(args, vocab, fa3=True)
         return dry_run(args, config, derive_plan(args, config))
 
-    rt = compute_init(args.device_type, seed=args.seed)
-    t_start = time.time()
+    rt, tokenizer, t_start = begin(args)
     if args.eval_tokens is None:
         args.eval_tokens = GPU_EVAL_TOKENS if rt.device_type == "cuda" else CPU_EVAL_TOKENS
-    print0(f"Device: {rt.device} x {rt.world_size} rank(s); compute dtype {str(rt.dtype).removeprefix('torch.')} ({rt.dtype_reason})")
-    tokenizer = get_tokenizer()
     token_bytes = get_token_bytes(rt.device)
     fa3 = fa3_available(rt.device_type)
     config = config_from_args(args, tokenizer.get_vocab_size(), fa3=fa3)
@@ -115,7 +111,7 @@ def main(argv=None):
                 B // T // rt.world_size)
 
     loop = {"step": 0, "losses": [], "val_bpb_history": [], "total_training_time": 0.0, "min_val_bpb": float("inf")}
-    loader_states = None
+    start = loader_states = None
     if args.resume:
         start = resume_latest(ckpt_dir, tokenizer, rt)
         meta = start.meta
@@ -129,14 +125,8 @@ def main(argv=None):
         print0(f"Resumed from {ckpt_dir} step {loop['step']}")
     else:
         model = build_model(config, rt.device, rt.dtype)
-    optimizer = model.setup_optimizer(**scaled_lrs(vars(args), plan["lr_scale"]), weight_decay=plan["weight_decay"],
-                                      rank=rt.rank, world_size=rt.world_size, ortho=args.ortho)
-    if args.resume:
-        load_optimizer_state(optimizer, start.optim_shards, start.where)
-    compiled = use_compile(args.compile, rt.device_type)
-    if compiled:
-        model.compile_for_training()
-    print0(f"torch.compile: {'on' if compiled else 'off'}")
+    optimizer = build_optimizer(model, args, rt, plan["lr_scale"], plan["weight_decay"], start, ortho=args.ortho)
+    compiled = compile_model(model, args, rt)
 
     from nanochat.dataloader import DataLoader, eval_batches
     loader = DataLoader(tokenizer, args.device_batch_size, T, "train", rows_per_step=B // T, rank=rt.rank,

@@ -27,10 +27,10 @@ import argparse
 
 import torch
 
-from nanochat.common import compute_init, print0, init_wandb, run_cli, UserError
+from nanochat.common import print0, init_wandb, run_cli, UserError
 from nanochat.chat_data import rows_to_batch
-from nanochat.scaling import B_REF, add_lr_flags, batch_lr_scale, scaled_lrs, inherit_lrs
-from nanochat.training import (add_run_flags, add_start_flags, start_finetune, load_optimizer_state, set_schedule,
+from nanochat.scaling import B_REF, add_lr_flags, batch_lr_scale, inherit_lrs
+from nanochat.training import (add_run_flags, add_start_flags, begin, start_finetune, build_optimizer, set_schedule,
                                all_reduce_sum, save, run_loop, eval_due, finish, close)
 
 
@@ -121,14 +121,10 @@ def problem_seed(base, step, index):
 
 
 def main(argv=None):
-    from nanochat.tokenizer import get_tokenizer
     from nanochat.engine import Engine
     from nanochat.task_eval import run_generative
     args = get_args(argv)
-    rt = compute_init(args.device_type, seed=args.seed)
-    t_start = time.time()
-    print0(f"Device: {rt.device} x {rt.world_size} rank(s); compute dtype {str(rt.dtype).removeprefix('torch.')} ({rt.dtype_reason})")
-    tokenizer = get_tokenizer()
+    rt, tokenizer, t_start = begin(args)
     if args.examples_per_step % rt.world_size:
         raise UserError(f"--examples-per-step {args.examples_per_step} must be a multiple of the world size {rt.world_size}")
     start = start_finetune("rl", args, tokenizer, rt, need_loader=False)
@@ -139,10 +135,7 @@ def main(argv=None):
         args.lr_scale = batch_lr_scale(meta.get("total_batch_size") or B_REF)
     # RL checkpoints written before the LR flags meant the same in every stage saved effective LRs
     args.lr_scale = getattr(args, "lr_scale", 1.0)
-    f = args.init_lr_frac * args.lr_scale
-    optimizer = model.setup_optimizer(**scaled_lrs(vars(args), f), weight_decay=args.weight_decay, rank=rt.rank,
-                                      world_size=rt.world_size)
-    load_optimizer_state(optimizer, start.optim_shards, start.where)
+    optimizer = build_optimizer(model, args, rt, args.init_lr_frac * args.lr_scale, args.weight_decay, start)
     del start
     # One Engine for the whole run: it keeps an inference copy of the weights (in the compute dtype) and
     # the optimizer writes the masters in place, so each step's rollouts first refresh that copy.
