@@ -1,5 +1,4 @@
-"""
-Pretraining data loader: tokenizes documents on the fly and packs them into rows that each start with
+"""Pretraining data loader: tokenizes documents on the fly and packs them into rows that each start with
 <|bos|> (BOS-aligned best-fit packing), sharded across torchrun ranks, resumable exactly.
 
 Rows come from R independent *streams*, one per row of the global batch (R = rows per optimizer step).
@@ -71,8 +70,6 @@ class DataLoader:
         self._open = {}
         self._queue = deque()  # owned streams of each remaining micro-batch of the current step
 
-    # ------------------------------------------------------------------ reading and tokenizing
-
     def _read_next_group(self):
         if self.read_cursor is None:  # start at the earliest document any owned stream still needs
             self.read_cursor = self.index.group_of(min(self.next.values()))
@@ -117,8 +114,6 @@ class DataLoader:
             row.extend(buf.pop(best)[:room])
         return row
 
-    # ------------------------------------------------------------------ iteration
-
     def micro_steps(self):
         return self.R // (self.B * self.world_size)
 
@@ -135,8 +130,6 @@ class DataLoader:
         if self.device.type == "cuda":  # pin_memory() raises on CPU-only torch builds
             rows = rows.pin_memory().to(self.device, non_blocking=True)
         return rows[:, :-1].contiguous(), rows[:, 1:].contiguous()
-
-    # ------------------------------------------------------------------ state
 
     def epoch(self):
         """Fractional epoch of the slowest stream (for logging)."""

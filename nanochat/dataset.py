@@ -1,12 +1,10 @@
-"""
-Pretraining text shards: where they live, how to get them, and how to read them back.
+"""Pretraining text shards: where they live, how to get them, and how to read them back.
 
-A shard is a parquet file with a single `text` column (one document per row), zstd-compressed, in
-row groups of 1024 documents, named shard_NNNNN.parquet in <base dir>/base_data/. The last shard by
-name is the validation split and all others are training, so at least two are needed. Row groups are
-the unit of reading: under torchrun, rank r reads row groups r, r+W, r+2W, ... of every shard.
-base_data/source.json records where the shards came from, so a download never mixes into imported
-shards (or another hub dataset) and a hub download without its validation shard is caught.
+A shard is <base dir>/base_data/shard_NNNNN.parquet: one `text` column (a document per row), zstd, row
+groups of 1024 documents, the unit of reading (under torchrun rank r reads row groups r, r+W, ...). The
+last shard is the validation split, the others train, so at least two are needed. base_data/source.json
+says where the shards came from, so a download never mixes into imported shards (or another hub dataset)
+and a hub download without its validation shard is caught.
 
     python -m nanochat.dataset download -n 8          # ClimbMix from the HuggingFace hub (+ its val shard)
     python -m nanochat.dataset import DIR [DIR2 ...]  # your own .txt / .jsonl(.gz) / .parquet files
@@ -135,8 +133,6 @@ def read_row_group(pf_or_path, i):
 def parquets_iter_batched(split, start=0, step=1, data_dir=None):
     """Yield the documents of row groups start, start+step, ... of every shard of the split, in order.
     With start=rank, step=world_size each row group goes to exactly one rank."""
-    if start < 0 or step < 1:
-        raise ValueError(f"need start >= 0 and step >= 1, got start={start}, step={step}")
     for path in list_parquet_files(split, data_dir):
         pf = open_shard(path)
         for rg in range(start, pf.num_row_groups, step):
@@ -147,8 +143,7 @@ def parquets_iter_batched(split, start=0, step=1, data_dir=None):
 # Downloading from the HuggingFace hub
 
 def hub_endpoint(base_url=None):
-    """The hub to download from: the argument, else $NANOCHAT_HF_ENDPOINT, else $HF_ENDPOINT (the
-    variable huggingface_hub uses for mirrors), else https://huggingface.co."""
+    # HF_ENDPOINT is the variable huggingface_hub reads for a mirror.
     url = base_url or os.environ.get("NANOCHAT_HF_ENDPOINT") or os.environ.get("HF_ENDPOINT") or DEFAULT_ENDPOINT
     return url.rstrip("/")
 
@@ -300,34 +295,30 @@ def split_text(text, max_chars, separators=_SEPARATORS):
 def file_texts(path):
     """The raw texts in one source file: a whole .txt, each .jsonl row's text/content, each parquet row."""
     low = path.lower()
-    if low.endswith((".txt", ".txt.gz", ".jsonl", ".jsonl.gz")):
-        opener = gzip.open if low.endswith(".gz") else open
-        with opener(path, "rt", encoding="utf-8", errors="replace") as f:
-            if low.endswith((".txt", ".txt.gz")):
-                yield f.read()
-                return
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except ValueError as e:
-                    raise DataError(f"{path}:{lineno}: not valid JSON ({e}). Each line of a .jsonl file "
-                                    f"must be a JSON object with a 'text' (or 'content') field.") from e
-                text = row.get("text", row.get("content")) if isinstance(row, dict) else None
-                if not isinstance(text, str):
-                    raise DataError(f"{path}:{lineno}: no string 'text' or 'content' field in this row "
-                                    f"(keys: {list(row)[:10] if isinstance(row, dict) else type(row).__name__}).")
-                yield text
-    elif low.endswith(".parquet"):
-        try:
-            pf = pq.ParquetFile(path)
-            texts = pf.read(columns=["text"]).column("text").to_pylist() if "text" in pf.schema_arrow.names else None
-        except (pa.ArrowException, OSError) as e:
-            raise DataError(f"{path}: not a readable parquet file ({e})") from e
-        if texts is None:
-            raise DataError(f"{path}: parquet files to import need a 'text' column (it has {pf.schema_arrow.names})")
+    if low.endswith(".parquet"):
+        try:  # a file without a text column reads as an empty table, and .column("text") raises KeyError
+            texts = pq.ParquetFile(path).read(columns=["text"]).column("text").to_pylist()
+        except (pa.ArrowException, OSError, KeyError) as e:
+            raise DataError(f"{path}: not a readable parquet file with a 'text' column ({e})") from e
         yield from (t for t in texts if t)
+        return
+    with (gzip.open if low.endswith(".gz") else open)(path, "rt", encoding="utf-8", errors="replace") as f:
+        if low.endswith((".txt", ".txt.gz")):
+            yield f.read()
+            return
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except ValueError as e:
+                raise DataError(f"{path}:{lineno}: not valid JSON ({e}). Each line of a .jsonl file "
+                                f"must be a JSON object with a 'text' (or 'content') field.") from e
+            text = row.get("text", row.get("content")) if isinstance(row, dict) else None
+            if not isinstance(text, str):
+                raise DataError(f"{path}:{lineno}: no string 'text' or 'content' field in this row "
+                                f"(keys: {list(row)[:10] if isinstance(row, dict) else type(row).__name__}).")
+            yield text
 
 
 def documents_from_file(path, doc_chars=20_000):
@@ -382,16 +373,15 @@ def import_local(src_dirs, val_fraction=0.05, shard_chars=250_000_000, seed=42, 
         raise DataError(f"{data_dir} already holds {len(existing)} shards ({existing[0]} ...); importing would mix "
                         f"datasets. Pass --overwrite (overwrite=True) to replace them, or use another NANOCHAT_BASE_DIR.")
 
-    files, seen, ignored = [], set(), 0
+    files, ignored = {}, 0  # real path -> path: a folder named twice, or inside another one, is read once
     for src_dir in src_dirs:
         found, skipped = find_import_files(src_dir, exclude=data_dir)
         if not found:
             raise DataError(f"no importable files under {src_dir} (looked for {', '.join(IMPORT_SUFFIXES)})")
         ignored += skipped
-        for f in found:  # a folder named twice, or inside another one, is read once
-            if os.path.realpath(f) not in seen:
-                seen.add(os.path.realpath(f))
-                files.append(f)
+        for f in found:
+            files.setdefault(os.path.realpath(f), f)
+    files = list(files.values())
     where = ", ".join(map(str, src_dirs))
     from tqdm import tqdm
     docs = [d for path in tqdm(files, desc="reading", unit="file", disable=not progress)
@@ -467,11 +457,10 @@ def print_info(data_dir=None):
     print(f"{'shard':<22}{'split':<7}{'docs':>12}{'row groups':>12}{'MB on disk':>12}{'MB text':>10}")
     for k, name in enumerate(names):
         split = "val" if k == len(names) - 1 and len(names) > 1 else "train"
-        path = os.path.join(data_dir, name)
-        size = os.path.getsize(path)
+        size = os.path.getsize(os.path.join(data_dir, name))
         total_bytes += size
         try:
-            md = open_shard(path).metadata
+            md = open_shard(os.path.join(data_dir, name)).metadata
         except DataError as e:
             print(f"{name:<22}{split:<7}  UNREADABLE: {e}")
             continue
@@ -491,13 +480,11 @@ def main(argv=None):
     p.add_argument("-n", "--num-files", type=int, default=8, help="number of train shards to fetch, shards 0..n-1 "
                    "(-1 = all of them; ~100 MB each); the validation shard is always fetched too")
     p.add_argument("-w", "--num-workers", type=int, default=4, help="parallel downloads")
-    p.add_argument("--source", choices=sorted(SOURCES), default="climbmix",
-                   help="which hub dataset: climbmix (current) or fineweb (legacy FineWeb-EDU)")
+    p.add_argument("--source", choices=sorted(SOURCES), default="climbmix", help="fineweb: the legacy FineWeb-EDU")
     p.add_argument("--endpoint", help=f"hub base URL, e.g. a mirror (None: $NANOCHAT_HF_ENDPOINT, $HF_ENDPOINT "
                    f"or {DEFAULT_ENDPOINT})")
     p.add_argument("--retries", type=int, default=5, help="attempts per file before giving up")
-    p = sub.add_parser("import", help="turn folders of local .txt/.jsonl(.gz)/.parquet files into shards",
-                       formatter_class=fmt)
+    p = sub.add_parser("import", help="turn folders of .txt/.jsonl(.gz)/.parquet files into shards", formatter_class=fmt)
     p.add_argument("src_dirs", nargs="+", metavar="src_dir",
                    help="folder(s) to import, each searched recursively; their documents are shuffled together")
     p.add_argument("--val-fraction", type=float, default=0.05, help="fraction of documents held out for validation")

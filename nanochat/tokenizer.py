@@ -1,20 +1,16 @@
-"""
-The BPE tokenizer: training (the compiled `rustbpe` trainer from PyPI), fast encoding (tiktoken),
-the chat special tokens, the one place the conversation format is defined (check_conversation,
-render_conversation -> token ids + loss mask), saving/loading without pickle, a fingerprint that
-checkpoints record, and token_bytes (raw UTF-8 byte length of every token) for bits per byte.
+"""The BPE tokenizer: training (rustbpe), encoding (tiktoken), the chat special tokens, the one place the
+conversation format is defined (check_conversation, render_conversation -> ids + loss mask), saving and
+loading without pickle, the fingerprint checkpoints record, and token_bytes (bytes per token) for bpb.
 
-Conversation format: {"messages": [{"role": "system"|"user"|"assistant", "content": str | [part, ...]}]},
+Conversation format: {"messages": [{"role": "system"|"user"|"assistant", "content": str | [part, ...]}]}:
 an optional leading system message (merged into the first user message), then user/assistant strictly
 alternating, starting with user. Assistant content may be a list of parts {"type": "text"|"python"|
 "python_output", "text": str}: python parts are tool calls the engine runs, python_output parts what
 the tool printed (never trained on).
 
-On disk (get_base_dir()/tokenizer/):
-  tokenizer.tiktoken  mergeable ranks in tiktoken's own text format ("base64(token) rank" per line)
-  token_bytes.pt      int32 tensor [vocab]: byte length of each token, 0 for special tokens
-  tokenizer.json      pattern, special tokens with ids, vocab size, fingerprint (written last, so a
-                      crash mid-save is caught by the fingerprint check on load)
+On disk (<base dir>/tokenizer/): tokenizer.tiktoken (tiktoken's "base64(token) rank" lines), token_bytes.pt
+(int32 [vocab], 0 for specials), tokenizer.json (pattern, specials, vocab size, fingerprint; written last,
+so a crash mid-save is caught by the fingerprint check on load).
 """
 
 import io
@@ -28,17 +24,10 @@ import tiktoken
 
 from nanochat.common import UserError, get_base_dir, atomic_write_bytes, sha256_file
 
-SPECIAL_TOKENS = [
-    "<|bos|>",            # starts every document and every conversation
-    "<|user_start|>",
-    "<|user_end|>",
-    "<|assistant_start|>",
-    "<|assistant_end|>",
-    "<|python_start|>",   # the assistant calls its python tool...
-    "<|python_end|>",
-    "<|output_start|>",   # ...and the tool's output is pasted back in (never trained on)
-    "<|output_end|>",
-]
+# <|bos|> starts every document and conversation; the assistant calls its python tool between
+# python_start/end, and the tool's output is pasted back between output_start/end (never trained on).
+SPECIAL_TOKENS = ["<|bos|>", "<|user_start|>", "<|user_end|>", "<|assistant_start|>", "<|assistant_end|>",
+                  "<|python_start|>", "<|python_end|>", "<|output_start|>", "<|output_end|>"]
 PART_TYPES = ("text", "python", "python_output")
 
 # GPT-4's split pattern, except numbers split into runs of at most 2 digits (not 3): with a small
@@ -73,10 +62,8 @@ class TokenizerError(UserError, ValueError):
     """The tokenizer on disk is missing, incomplete or corrupt; the message says how to get a good one."""
 
 
-# -----------------------------------------------------------------------------
-# The .tiktoken text format. We read it ourselves rather than via tiktoken.load.load_tiktoken_bpe
-# because that function caches by *path* in a temp dir: retraining into the same directory would
-# then silently load the stale vocabulary.
+# The .tiktoken text format, read here rather than by tiktoken.load.load_tiktoken_bpe, which caches by
+# *path* in a temp dir: retraining into the same directory would then silently load the stale vocabulary.
 
 def ranks_to_tiktoken_text(ranks):
     """dict {token bytes: rank} -> bytes of a .tiktoken file (one "base64 rank" line per token)."""
@@ -147,8 +134,6 @@ def check_conversation(conversation, complete=False):
     return turns
 
 
-# -----------------------------------------------------------------------------
-
 class Tokenizer:
     """A byte-level BPE tokenizer: mergeable ranks + split pattern + special tokens, encoded by tiktoken."""
 
@@ -160,7 +145,6 @@ class Tokenizer:
         self.enc = tiktoken.Encoding(name, pat_str=pattern, mergeable_ranks=self._ranks, special_tokens=self._special)
         self._fingerprint = self._token_bytes = None  # computed on first use
 
-    # --- construction and persistence ----------------------------------------------
     @classmethod
     def train(cls, text_iterator, vocab_size, buffer_size=8192):
         """Train on an iterator of str. vocab_size counts the 256 bytes, the merges and the specials."""
@@ -177,8 +161,6 @@ class Tokenizer:
             raise ValueError(f"the training text only supported {len(pairs) - 256} merges but vocab_size={vocab_size} "
                              f"needs {n_mergeable - 256}: train on more text or ask for a smaller vocab size")
         ranks = {bytes(tok): rank for tok, rank in pairs}
-        if sorted(ranks.values()) != list(range(n_mergeable)):
-            raise RuntimeError("rustbpe returned non-contiguous ranks; this tokenizer would be unusable")
         special = {tok: n_mergeable + i for i, tok in enumerate(SPECIAL_TOKENS)}
         return cls(trainer.get_pattern(), ranks, special, bos_token="<|bos|>", name="nanochat")
 
@@ -230,14 +212,11 @@ class Tokenizer:
             pattern, bos = meta["pattern"], meta["bos_token"]
         except (ValueError, KeyError, TypeError, AttributeError) as e:
             raise corrupt(f"{paths['tokenizer.json']}: {e}")
-        try:
-            ranks = read_tiktoken_file(paths["tokenizer.tiktoken"])
-        except ValueError as e:
-            raise corrupt(str(e))
-        try:
-            tok = cls(pattern, ranks, special, bos_token=bos, name=meta.get("name", "nanochat"))
+        try:  # a malformed ranks file, or ranks and pattern tiktoken cannot build an encoding from
+            tok = cls(pattern, read_tiktoken_file(paths["tokenizer.tiktoken"]), special, bos_token=bos,
+                      name=meta.get("name", "nanochat"))
         except Exception as e:
-            raise corrupt(f"cannot build the encoding: {e}")
+            raise corrupt(str(e))
         # Any other damage to the ranks file (lines lost or altered) changes the fingerprint.
         if tok.fingerprint != meta.get("fingerprint") or tok.get_vocab_size() != meta.get("vocab_size"):
             raise corrupt(f"fingerprint/vocab size in {paths['tokenizer.json']} do not match {paths['tokenizer.tiktoken']}")
@@ -249,7 +228,6 @@ class Tokenizer:
             raise corrupt(f"{paths['token_bytes.pt']} does not match the vocabulary")
         return tok
 
-    # --- identity ------------------------------------------------------------
     @property
     def fingerprint(self):
         """sha256 hex over pattern, mergeable ranks and special tokens: same fingerprint = same token ids."""
@@ -283,7 +261,6 @@ class Tokenizer:
         except (KeyError, TypeError):
             raise ValueError(f"{s!r} is not a special token of this tokenizer; known: {self.get_special_tokens()}")
 
-    # --- encode / decode ------------------------------------------------------------
     def _as_id(self, x):
         if isinstance(x, str):
             return self.encode_special(x)
@@ -300,11 +277,8 @@ class Tokenizer:
         post = [] if append is None else [self._as_id(append)]
         if isinstance(text, str):
             return pre + self.enc.encode_ordinary(text) + post
-        if not isinstance(text, (list, tuple)):
+        if not isinstance(text, (list, tuple)):  # tiktoken itself raises TypeError for a non-str item
             raise TypeError(f"encode expects a str or a list of str, got {type(text).__name__}")
-        for i, t in enumerate(text):
-            if not isinstance(t, str):
-                raise TypeError(f"encode: item {i} of the batch is {type(t).__name__}, expected str")
         return [pre + ids + post for ids in self.enc.encode_ordinary_batch(list(text), num_threads=num_threads)]
 
     __call__ = encode
@@ -327,17 +301,12 @@ class Tokenizer:
         unused ids). Taken from the raw token bytes, never via str: decoding a lone byte >= 0x80 to
         str gives U+FFFD, 3 bytes, which skewed bits-per-byte by ~0.05% in upstream nanochat."""
         if self._token_bytes is None:
-            special_ids = set(self._special.values())
-            lengths = []
-            for i in range(self.get_vocab_size()):
-                try:
-                    lengths.append(0 if i in special_ids else len(self.enc.decode_single_token_bytes(i)))
-                except KeyError:  # a hole in the id space (cl100k_base has some)
-                    lengths.append(0)
+            lengths = [0] * self.get_vocab_size()  # special tokens and holes in the id space (cl100k_base has some)
+            for tok, rank in self._ranks.items():
+                lengths[rank] = len(tok)
             self._token_bytes = torch.tensor(lengths, dtype=torch.int32)
         return self._token_bytes.clone()
 
-    # --- conversations ------------------------------------------------------------
     def render_conversation(self, conversation, max_tokens=None):
         """Tokenize a conversation (format: module docstring) -> (ids, mask). mask[i] = 1 where the
         model is trained to predict ids[i]: assistant text, its python tool calls (with their
@@ -388,8 +357,6 @@ class Tokenizer:
         return "".join(f"{green if mask is not None and mask[k] else red}[{self.id_to_token(t)}]{reset}"
                        for k, t in enumerate(ids))
 
-
-# -----------------------------------------------------------------------------
 
 def get_tokenizer_dir():
     return os.path.join(get_base_dir(create=False), "tokenizer")  # Tokenizer.save makes it

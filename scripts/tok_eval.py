@@ -1,10 +1,7 @@
-"""
-Compression of our tokenizer vs GPT-2 (r50k_base) and GPT-4 (cl100k_base): bytes per token on a few
-built-in samples, on local pretraining text when NANOCHAT_LOCAL_DATA is set, and on the first row
-group of the train and val shards when they exist. Prints a table, writes report/tok_eval.json.
-
-The stock .tiktoken files come from $NANOCHAT_LOCAL_DATA/tokenizers/ or are downloaded once from
-OpenAI's public URLs into <base dir>/tiktoken/; either is checked against the published sha256.
+"""Compression of our tokenizer vs GPT-2 (r50k_base) and GPT-4 (cl100k_base): bytes per token on built-in
+samples, on local pretraining text when NANOCHAT_LOCAL_DATA is set, and on the first row group of the train
+and val shards when they exist. Prints a table, writes report/tok_eval.json. The stock .tiktoken files come
+from $NANOCHAT_LOCAL_DATA/tokenizers/ or are downloaded once into <base dir>/tiktoken/ (sha256-checked).
 
     python -m scripts.tok_eval
 """
@@ -61,8 +58,7 @@ SAMPLES = {
 
 
 def stock_tiktoken_path(name):
-    """Local copy of a stock .tiktoken file: from NANOCHAT_LOCAL_DATA, else downloaded (from_tiktoken_file
-    checks either against the published sha256)."""
+    """Local copy of a stock .tiktoken file: from NANOCHAT_LOCAL_DATA, else downloaded."""
     spec = STOCK_ENCODINGS[name]
     local = get_local_data_dir()
     if local:
@@ -81,19 +77,17 @@ def stock_tiktoken_path(name):
 
 def local_pretrain_samples(max_chars):
     """A few real texts from $NANOCHAT_LOCAL_DATA/pretrain_text (a book, web text, encyclopedia)."""
-    local = get_local_data_dir()
-    out = {}
+    local, out = get_local_data_dir(), {}
     for label, rel in [("gutenberg", "nltk_gutenberg/melville-moby_dick.txt"),
                        ("wiki", "llamafactory_demo/wiki_demo.txt"), ("c4", "llamafactory_demo/c4_demo.jsonl")]:
         path = os.path.join(local or "", "pretrain_text", rel)
         if local and os.path.isfile(path):
-            texts, total = [], 0
-            for text in dataset.file_texts(path):  # the whole .txt, or the .jsonl's texts until max_chars
-                texts.append(text)
-                total += len(text)
-                if total >= max_chars:
+            joined = ""
+            for k, text in enumerate(dataset.file_texts(path)):  # the whole .txt, or the .jsonl's texts
+                joined += ("\n\n" if k else "") + text
+                if len(joined) >= max_chars:
                     break
-            out[label] = "\n\n".join(texts)[:max_chars]
+            out[label] = joined[:max_chars]
     return out
 
 
@@ -137,8 +131,7 @@ def main(argv=None):
               f"{'vs gpt2':>8} {'vs gpt4':>8}")
     print0(f"our tokenizer: vocab {ours.get_vocab_size():,}, fingerprint {ours.fingerprint[:16]}...")
     print0("relative diff = (baseline tokens - our tokens) / baseline tokens; positive = we compress better")
-    print0(header)
-    print0("-" * len(header))
+    print0(f"{header}\n{'-' * len(header)}")
     for r in rows:
         print0(f"{r['text']:<12} {r['bytes']:>9,} {r['ours_tokens']:>9,} {r['ours_bytes_per_token']:>6.2f} "
                f"{r['gpt2_tokens']:>9,} {r['gpt2_bytes_per_token']:>6.2f} {r['gpt4_tokens']:>9,} "

@@ -1,6 +1,5 @@
-"""
-Train the BPE tokenizer on the train split of the pretraining shards and save it to
-<base dir>/tokenizer (see nanochat/tokenizer.py for the files). Writes report/tok_train.json.
+"""Train the BPE tokenizer on the train split of the pretraining shards and save it to <base dir>/tokenizer
+(see nanochat/tokenizer.py for the files). Writes report/tok_train.json.
 
     python -m scripts.tok_train                       # 2B chars, 32,768 tokens
     python -m scripts.tok_train --max-chars 100000000 --vocab-size 8192
@@ -15,12 +14,10 @@ from nanochat.tokenizer import Tokenizer, SPECIAL_TOKENS, MIN_VOCAB_SIZE, get_to
 
 # Round-trip check after saving: mixed scripts, emoji, code, digits, whitespace runs and a
 # special-token string that must stay plain text.
-SANITY_TEXT = (
-    "Tokenizers meet Unicode: naïve café, Größe, ¿qué tal?, Привет мир, 日本語のテキスト, 한국어 문장, "
-    "مرحبا, हिन्दी, emoji 🙂👩‍💻🇫🇷, math ∑x² ≤ ∞.\n"
-    "def area(r):\n\treturn 3.14159 * r ** 2  # 1234567890\n\n\n   trailing spaces   \n"
-    "<|bos|> and <|assistant_end|> are just text here.\r\n"
-)
+SANITY_TEXT = ("Tokenizers meet Unicode: naïve café, Größe, ¿qué tal?, Привет мир, 日本語のテキスト, 한국어 문장, "
+               "مرحبا, हिन्दी, emoji 🙂👩‍💻🇫🇷, math ∑x² ≤ ∞.\n"
+               "def area(r):\n\treturn 3.14159 * r ** 2  # 1234567890\n\n\n   trailing spaces   \n"
+               "<|bos|> and <|assistant_end|> are just text here.\r\n")
 
 
 def text_iterator(max_chars, doc_cap, stats):
@@ -37,14 +34,12 @@ def text_iterator(max_chars, doc_cap, stats):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Train the BPE tokenizer on the pretraining shards (train split).")
-    parser.add_argument("--max-chars", type=int, default=2_000_000_000,
-                        help="stop after this many characters of training text (default: 2,000,000,000)")
-    parser.add_argument("--doc-cap", type=int, default=10_000,
-                        help="crop every document to at most this many characters (default: 10,000)")
-    parser.add_argument("--vocab-size", type=int, default=32768,
-                        help=f"total vocabulary incl. 256 byte tokens and {len(SPECIAL_TOKENS)} special tokens "
-                             f"(default: 32768; minimum {MIN_VOCAB_SIZE})")
+    parser = argparse.ArgumentParser(description="Train the BPE tokenizer on the pretraining shards (train split).",
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--max-chars", type=int, default=2_000_000_000, help="stop after this many characters of text")
+    parser.add_argument("--doc-cap", type=int, default=10_000, help="crop each document to at most this many characters")
+    parser.add_argument("--vocab-size", type=int, default=32768, help=f"vocabulary incl. 256 bytes and "
+                        f"{len(SPECIAL_TOKENS)} special tokens (minimum {MIN_VOCAB_SIZE})")
     args = parser.parse_args(argv)
     if args.vocab_size < MIN_VOCAB_SIZE:
         parser.error(f"--vocab-size {args.vocab_size} is too small: it must be at least {MIN_VOCAB_SIZE} "

@@ -1,17 +1,14 @@
-"""
-ARC (AI2 Reasoning Challenge): grade-school science multiple choice, Easy and Challenge subsets.
+"""ARC (AI2 Reasoning Challenge): grade-school science multiple choice, Easy and Challenge subsets.
 Source: HuggingFace `allenai/ai2_arc`; locally eval_chat/arc/{subset}_{split}.jsonl in the same schema.
 """
 
-from tasks.common import Task, mc_conversation, load_rows, shuffled, letter_is_correct, check_choice
+from tasks.common import MultipleChoiceTask, mc_conversation, load_rows, shuffled, check_choice
 
 SUBSETS = ("ARC-Easy", "ARC-Challenge")
 SPLITS = ("train", "validation", "test")
 
 
-class ARC(Task):
-    eval_type = "categorical"
-
+class ARC(MultipleChoiceTask):
     def __init__(self, subset="ARC-Easy", split="test", **kwargs):
         super().__init__(**kwargs)
         check_choice("ARC subset", subset, SUBSETS)
@@ -25,6 +22,3 @@ class ARC(Task):
         # position), so the model only ever answers with A, B, C, ...
         answer = row["choices"]["label"].index(row["answerKey"])
         return mc_conversation(row["question"], row["choices"]["text"], answer)
-
-    def evaluate(self, conversation, completion):
-        return letter_is_correct(conversation, completion)

@@ -1,12 +1,8 @@
-"""
-What every chat task shares: the Task base class (a sliceable list of conversations that can grade a
-completion), TaskMixture/TaskSequence to combine tasks, the multiple-choice prompt, the check of a task's
-conversations (the format itself is nanochat/tokenizer.py's: complete, i.e. ending with the assistant;
-multiple-choice ones also carry "letters", the allowed answers), and where task data comes from.
-
-Data: with NANOCHAT_LOCAL_DATA set (a folder laid out like ../shared/data) every task reads its local
-copy and never touches the network; otherwise it downloads the real source, usually the HuggingFace
-hub's parquet export, into <base dir>/task_data/.
+"""What every chat task shares: Task (a sliceable list of conversations that can grade a completion),
+TaskMixture/TaskSequence, the multiple-choice prompt, the check of a task's conversations (the format of
+nanochat/tokenizer.py, complete; multiple-choice ones also carry "letters", the allowed answers), and where
+task data comes from: with NANOCHAT_LOCAL_DATA set (a folder laid out like ../shared/data) the local copy,
+never the network; otherwise the real source, usually the hub's parquet export, into <base dir>/task_data/.
 """
 
 import os
@@ -20,22 +16,18 @@ import itertools
 from nanochat.common import UserError, get_base_dir, get_local_data_dir, download_file, atomic_write_json, DownloadError
 from nanochat.tokenizer import check_conversation
 
-# -----------------------------------------------------------------------------
-# Task and its combinations
 
 class Task:
     """A dataset as a list of conversations, viewed through range(start, stop, step). Subclasses keep
-    their data in self.rows and make row i a conversation in get_example(i) (by default it is one), or
-    override num_examples() for generated data. eval_type: "categorical", "generative", or None for
-    training data; evals implement evaluate(conversation, completion) -> bool."""
+    their data in self.rows and make row i a conversation in get_example(i) (by default it is one);
+    generated data sets rows = range(size) and builds example i there. eval_type: "categorical",
+    "generative", or None for training data; evals implement evaluate(conversation, completion) -> bool."""
     eval_type = None
     rows = ()
 
     def __init__(self, start=0, stop=None, step=1):
-        if step is None or step < 1:
-            raise ValueError(f"step must be a positive integer, got {step!r}")
-        if start < 0 or (stop is not None and stop < start):
-            raise ValueError(f"need 0 <= start <= stop, got start={start!r} stop={stop!r}")
+        if step is None or step < 1 or start < 0 or (stop is not None and stop < start):
+            raise ValueError(f"need 0 <= start <= stop and step >= 1, got start={start!r} stop={stop!r} step={step!r}")
         self.start, self.stop, self.step = start, stop, step
 
     def num_examples(self):
@@ -69,7 +61,6 @@ class Task:
 
 
 def check_choice(what, value, allowed):
-    """A task's subset or split must be one it has."""
     if value not in allowed:
         raise ValueError(f"{what} {value!r} is not one of {allowed}")
 
@@ -105,9 +96,6 @@ class TaskSequence(Task):
         return self.tasks[t][index - self.offsets[t]]
 
 
-# -----------------------------------------------------------------------------
-# Multiple choice, answers, the format
-
 LETTERS = "ABCDEFGHIJ"
 _FINAL_ANSWER = re.compile(r"#### (-?[0-9.,]+)")
 
@@ -128,9 +116,12 @@ def mc_conversation(question, choices, answer, **extra):
                          {"role": "assistant", "content": letters[answer]}], "letters": letters, **extra}
 
 
-def letter_is_correct(conversation, completion):
-    """Grade a categorical answer: the completion (a letter) equals the last assistant message."""
-    return completion.strip() == conversation["messages"][-1]["content"]
+class MultipleChoiceTask(Task):
+    """Graded by the answer letter: the completion must equal the reference reply."""
+    eval_type = "categorical"
+
+    def evaluate(self, conversation, completion):
+        return completion.strip() == conversation["messages"][-1]["content"]
 
 
 def extract_answer(text):
@@ -159,9 +150,6 @@ def validate_conversation(conversation):
             raise ValueError(f"the answer {answer!r} is not one of the letters {letters}")
     return conversation
 
-
-# -----------------------------------------------------------------------------
-# Where data comes from
 
 class DataUnavailableError(UserError, RuntimeError):
     """Task data is neither in the local data folder nor downloadable."""
@@ -237,6 +225,4 @@ def load_hub_parquet(repo, config, split):
 def load_rows(local_relpath, repo, config, split):
     """Rows of a split as a list of dicts: the local jsonl copy when NANOCHAT_LOCAL_DATA is set, else the hub's."""
     path = local_data_path(local_relpath, f"{repo} ({config}/{split}) from the HuggingFace hub")
-    if path is not None:
-        return read_jsonl(path)
-    return load_hub_parquet(repo, config, split).to_pylist()
+    return read_jsonl(path) if path is not None else load_hub_parquet(repo, config, split).to_pylist()

@@ -1,9 +1,7 @@
-"""
-CustomJSON: your own conversations from a .jsonl file, one per line, either a JSON array of messages
-[{"role": "user", "content": "..."}, {"role": "assistant", "content": "..."}, ...] or an object
-{"messages": [...the same...]}, in the conversation format of nanochat/tokenizer.py, ending with the
-assistant. The whole file is checked up front and every bad line reported (line number and what is
-wrong) in one error, so a file can be fixed in one go instead of one crash at a time.
+"""CustomJSON: your own conversations from a .jsonl file, one per line: a JSON array of messages
+[{"role": "user", "content": "..."}, {"role": "assistant", "content": "..."}, ...] or {"messages": [...]},
+in the format of nanochat/tokenizer.py, ending with the assistant. The whole file is checked up front and
+every bad line reported in one error, so a file can be fixed in one go instead of one crash at a time.
 """
 
 import os
@@ -33,8 +31,6 @@ def parse_line(line):
 
 
 class CustomJSON(Task):
-    eval_type = None  # training data
-
     def __init__(self, filepath, **kwargs):
         super().__init__(**kwargs)
         if not os.path.isfile(filepath):

@@ -1,10 +1,9 @@
-"""
-GSM8K: grade-school math word problems with worked solutions. Source: HuggingFace `openai/gsm8k`
+"""GSM8K: grade-school math word problems with worked solutions. Source: HuggingFace `openai/gsm8k`
 (configs "main" and "socratic"); locally eval_chat/gsm8k/{train,test,test_socratic}.jsonl.
 
-The solutions carry calculator annotations, "16 - 3 - 4 = <<16-3-4=9>>9 eggs". Each becomes a tool
-call: a python part with the expression and a python_output part with the result, so the model learns
-to use the engine's python tool for arithmetic. The solution ends with "#### <answer>".
+Calculator annotations in the solutions, "16 - 3 - 4 = <<16-3-4=9>>9 eggs", become tool calls (a python
+part with the expression, a python_output part with the result), so the model learns to use the engine's
+python tool for arithmetic. The solution ends with "#### <answer>".
 """
 
 import re

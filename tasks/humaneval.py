@@ -1,5 +1,4 @@
-"""
-HumanEval: 164 Python functions to complete from a signature and docstring, graded by running their
+"""HumanEval: 164 Python functions to complete from a signature and docstring, graded by running their
 unit tests. Source: HuggingFace `openai/openai_humaneval`; locally eval_chat/humaneval/HumanEval.jsonl.gz.
 
 The user message is the prompt (imports, signature, docstring); the reference assistant answer is the

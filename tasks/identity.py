@@ -1,10 +1,7 @@
-"""
-Identity: synthetic conversations that teach the model its own name and who made it.
-
-Built from question/answer templates with {{name}} and {{author}} placeholders: the 91 of LLaMA-Factory's
-identity set (chat_sft/llamafactory_demo/identity.json, mostly Chinese) when NANOCHAT_LOCAL_DATA has it,
-else a small built-in English set. Each example strings 1-3 distinct templates into one conversation,
-chosen by its own random.Random(f"{seed}:{index}"). For richer identity data, use CustomJSON.
+"""Identity: synthetic conversations that teach the model its own name and who made it, from question/answer
+templates with {{name}} and {{author}} placeholders: the 91 of LLaMA-Factory's identity set (mostly Chinese)
+when NANOCHAT_LOCAL_DATA has it, else a small built-in English set. Each example strings 1-3 distinct
+templates into one conversation, chosen by its own random.Random(f"{seed}:{index}"). Richer: CustomJSON.
 """
 
 import os
@@ -43,20 +40,15 @@ def load_templates():
 
 
 class Identity(Task):
-    eval_type = None  # training data
-
     def __init__(self, name="nanochat", author="the nanochat developers", size=1000, seed=0, **kwargs):
         super().__init__(**kwargs)
         if not name or not author:
             raise ValueError(f"Identity needs a non-empty name and author, got name={name!r} author={author!r}")
         self.name, self.author, self.size, self.seed = name, author, size, seed
-        self.templates = load_templates()
+        self.templates, self.rows = load_templates(), range(size)  # example i is generated from (seed, i)
 
     def fill(self, text):
         return text.replace("{{name}}", self.name).replace("{{author}}", self.author)
-
-    def num_examples(self):
-        return self.size
 
     def get_example(self, index):
         rng = random.Random(f"{self.seed}:{index}")  # str seeds hash deterministically

@@ -1,19 +1,16 @@
-"""
-MMLU: 57-subject multiple choice (4 options). Source: HuggingFace `cais/mmlu`, config "all";
+"""MMLU: 57-subject multiple choice (4 options). Source: HuggingFace `cais/mmlu`, config "all";
 locally eval_chat/mmlu/mmlu_{dev,test}.jsonl ({subject, question, choices, answer}).
 `subset` is "all" or one subject name (e.g. "anatomy").
 """
 
 from nanochat.common import get_local_data_dir
-from tasks.common import Task, mc_conversation, load_rows, shuffled, letter_is_correct, check_choice
+from tasks.common import MultipleChoiceTask, mc_conversation, load_rows, shuffled, check_choice
 
 SPLITS = ("auxiliary_train", "validation", "dev", "test")
 LOCAL_SPLITS = ("dev", "test")
 
 
-class MMLU(Task):
-    eval_type = "categorical"
-
+class MMLU(MultipleChoiceTask):
     def __init__(self, subset="all", split="test", **kwargs):
         super().__init__(**kwargs)
         if split == "train":  # upstream nanochat once asked for "train", which does not exist
@@ -37,6 +34,3 @@ class MMLU(Task):
     def get_example(self, index):
         row = self.rows[index]
         return mc_conversation(row["question"], row["choices"], row["answer"], subject=row["subject"])
-
-    def evaluate(self, conversation, completion):
-        return letter_is_correct(conversation, completion)

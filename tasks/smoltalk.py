@@ -1,19 +1,17 @@
-"""
-SmolTalk: general multi-turn chat for SFT. Source: HuggingFace `HuggingFaceTB/smol-smoltalk`
-(train ~460K, test ~24K conversations, already in our message format).
+"""SmolTalk: general multi-turn chat for SFT, from HuggingFace `HuggingFaceTB/smol-smoltalk` (train ~460K,
+test ~24K conversations, already in our message format).
 
 Offline stand-in (NANOCHAT_LOCAL_DATA set): the assistant conversations in chat_sft/ (LOCAL_SOURCES),
-normalised: roles mapped to user/assistant, empty messages dropped, leading assistant and trailing user
-messages trimmed, conversations that still don't alternate dropped. About 5% of them, by a hash of the
-first user message (repeated prompts land on the same side), are the test split. Left out: fastchat's
-dummy conversations (all "I am Vicuna, trained by LMSYS", which would fight the Identity task), questions
-without answers, gpteacher/toolformer (a tool syntax our engine does not run), and folders that are not
-assistant conversations (chit-chat, preference pairs, function-call transcripts).
+normalised (roles mapped, empty messages dropped, leading assistant and trailing user messages trimmed,
+conversations that still don't alternate dropped); ~5% by a hash of the first user message (so repeated
+prompts land on one side) are the test split. Left out: fastchat's dummies (all "I am Vicuna, trained by
+LMSYS", which would fight the Identity task), gpteacher/toolformer (a tool syntax our engine does not run),
+and folders that are not assistant conversations (chit-chat, preference pairs, function-call transcripts).
 
-`python -m tasks.smoltalk OUT.jsonl` writes the train split as plain-text pretraining documents ("User:
-..." / "Assistant: ..." paragraphs) for `python -m nanochat.dataset import`: offline 103M characters, six
-times pretrain_text/ (16.5M, which a d4 overfits after about 3 epochs). The test split is written only
-when asked: the chat evals take their prompts from it.
+`python -m tasks.smoltalk OUT.jsonl` writes the train split as plain-text documents ("User: ..." /
+"Assistant: ..." paragraphs) for `python -m nanochat.dataset import`: offline 103M characters, six times
+pretrain_text/ (16.5M, which a d4 overfits after about 3 epochs). The test split (the chat evals' prompts)
+is written only when asked.
 """
 
 import os
@@ -101,8 +99,6 @@ def load_local_standin():
 
 
 class SmolTalk(Task):
-    eval_type = None  # training data
-
     def __init__(self, split="train", **kwargs):
         super().__init__(**kwargs)
         check_choice("SmolTalk split", split, SPLITS)
@@ -121,13 +117,10 @@ class SmolTalk(Task):
         return {"messages": [{"role": m["role"], "content": m["content"]} for m in messages]}
 
 
-ROLE_NAMES = {"system": "System", "user": "User", "assistant": "Assistant"}
-
-
 def as_text(conversation):
     """A conversation as plain prose, one paragraph per message under its speaker's name (no special
     tokens: base pretraining sees documents, not the chat format)."""
-    return "\n\n".join(f"{ROLE_NAMES[m['role']]}: {m['content'].strip()}" for m in conversation["messages"])
+    return "\n\n".join(f"{m['role'].capitalize()}: {m['content'].strip()}" for m in conversation["messages"])
 
 
 def write_text(path, split="train"):
@@ -144,9 +137,8 @@ def write_text(path, split="train"):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m tasks.smoltalk",
-                                     description="Write SmolTalk conversations as plain-text pretraining "
-                                                 "documents (.jsonl with a 'text' field) for nanochat.dataset import.")
+    parser = argparse.ArgumentParser(prog="python -m tasks.smoltalk", description="Write SmolTalk conversations "
+                                     "as plain-text documents (.jsonl, a 'text' field) for nanochat.dataset import.")
     parser.add_argument("out", help="the .jsonl file to write (its folder is created)")
     parser.add_argument("--split", choices=SPLITS, default="train",
                         help="which split (default: train; test holds the chat evals' held-out prompts)")

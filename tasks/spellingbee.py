@@ -1,9 +1,6 @@
-"""
-SpellingBee: synthetic spelling and letter counting ("How many r are in strawberry?"), the skill a
-token-level model is worst at because it never sees letters.
-
-Two kinds of examples, built from a word list (locally misc/english_words/words_alpha.txt, else the
-dwyl/english-words list from GitHub):
+"""SpellingBee: synthetic spelling and letter counting ("How many r are in strawberry?"), the skill a
+token-level model is worst at because it never sees letters. Two kinds of examples, from a word list
+(locally misc/english_words/words_alpha.txt, else the dwyl/english-words list from GitHub):
   spell: "Spell the word: apple" -> "apple:a,p,p,l,e"
   count: "How many r are in strawberry?" -> spell the word, walk its letters keeping a count, check
          with the python tool ('strawberry'.count('r') -> 3), and end with "#### 3".
@@ -110,10 +107,7 @@ class SpellingBee(Task):
         if size < 0:
             raise ValueError(f"SpellingBee size must be >= 0, got {size}")
         self.size, self.split, self.count_fraction = size, split, count_fraction
-        self.words = split_words(split)
-
-    def num_examples(self):
-        return self.size
+        self.words, self.rows = split_words(split), range(size)  # example i is generated from seed i
 
     def seed(self, index):
         return index if self.split == "train" else TEST_SEED_OFFSET + index

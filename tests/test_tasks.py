@@ -391,7 +391,7 @@ def test_smoltalk_as_pretraining_text(local_data, tmp_path, capsys):
     texts = list(documents_from_file(str(out), doc_chars=0))  # what nanochat.dataset import reads
     assert len(texts) == len(test) and not os.path.exists(str(out) + ".partial")
     for conversation, text in zip(test, texts):
-        paragraphs = [f"{smoltalk.ROLE_NAMES[m['role']]}: {m['content'].strip()}" for m in conversation["messages"]]
+        paragraphs = [f"{m['role'].capitalize()}: {m['content'].strip()}" for m in conversation["messages"]]
         assert text == "\n\n".join(paragraphs)
         assert text.startswith(("User: ", "System: ")) and "\n\nAssistant: " in text
     with pytest.raises(UserError, match="must end in .jsonl"):
