@@ -36,9 +36,8 @@ def attention(q, k, v, window, kv_cache=None, layer=0):
     cache, k and v are appended to the cache first and queries at [pos, pos+Tq) attend to [0, pos+Tq).
     FlashAttention-3 when present (Hopper, bf16, no cache), else PyTorch SDPA, which picks its own fused
     kernel (flash/memory-efficient on CUDA, a flash kernel on CPU)."""
-    pos = 0
+    pos = kv_cache.pos if kv_cache is not None else 0
     if kv_cache is not None:
-        pos = kv_cache.pos
         k, v = kv_cache.update(layer, k, v)
     Tq, Tk = q.size(1), k.size(1)
     if _fa3_func is not None and q.is_cuda and q.dtype == torch.bfloat16 and pos == 0 and Tq == Tk:
@@ -61,13 +60,10 @@ def attention(q, k, v, window, kv_cache=None, layer=0):
         # backward than the CPU flash kernel at these sizes (measured, scripts/bench_train.py); the
         # T x T scores it keeps for backward are affordable up to ~1K context.
         return _attention_explicit(q, k, v, window).transpose(1, 2)
-    if pos == 0 and Tq == Tk and sees_all:
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
-    elif Tq == 1 and sees_all:
-        y = F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)  # one new token sees everything
-    else:
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=_mask(pos, Tq, Tk, window, q.device), enable_gqa=gqa)
-    return y.transpose(1, 2)
+    causal = pos == 0 and Tq == Tk and sees_all
+    # No mask at all for one new token that sees everything; an explicit one only where it must be.
+    mask = None if causal or (Tq == 1 and sees_all) else _mask(pos, Tq, Tk, window, q.device)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=gqa).transpose(1, 2)
 
 
 def _mask(pos, Tq, Tk, window, device):

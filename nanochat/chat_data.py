@@ -15,9 +15,9 @@ PaddedBatcher (SFT): one conversation per row, padded to the micro-batch's longe
   fixed shape under torch.compile); step s takes conversations [s*R, (s+1)*R), split across ranks.
 """
 
-from collections.abc import Sequence
-
 import torch
+
+from tasks.common import Task
 
 
 def render_row(tokenizer, conversation, capacity):
@@ -32,12 +32,6 @@ def render_row(tokenizer, conversation, capacity):
         if ids[i] == end and mask[i]:
             return ids[:i + 1], mask[:i + 1], "turn"
     return ids[:capacity], mask[:capacity], "reply"
-
-
-def count_cut(stats, cut):
-    stats["conversations"] += 1
-    stats["truncated"] += cut is not None
-    stats["cut_mid_reply"] += cut == "reply"
 
 
 def rows_to_batch(rows, pad_id, length=None, device="cpu"):
@@ -65,17 +59,14 @@ def new_stats():
     return {"conversations": 0, "truncated": 0, "cut_mid_reply": 0, "rows": 0, "row_tokens": 0, "pad_tokens": 0}
 
 
-class _Subset(Sequence):
-    """The conversations of `task` at `indices`, as a Task-like list (len, [i], iteration)."""
+class _Subset(Task):
+    """The conversations of `task` whose indices are `rows`."""
+    def __init__(self, task, rows):
+        super().__init__()
+        self.task, self.rows = task, rows
 
-    def __init__(self, task, indices):
-        self.task, self.indices = task, indices
-
-    def __len__(self):
-        return len(self.indices)
-
-    def __getitem__(self, i):
-        return self.task[self.indices[i]]
+    def get_example(self, index):
+        return self.task[self.rows[index]]
 
 
 def drop_overlong(task, tokenizer, capacity):
@@ -105,10 +96,30 @@ class _Batcher:
                              f"{st['T']}+1 tokens over {st['N']} conversations, now {self.R}, {self.T}, {self.N}; "
                              f"keep --total-batch-size, --max-seq-len and the mixture flags")
 
+    def _render(self, g, stats):
+        """Mixture index g (of any epoch) as (ids, mask) of at most T+1 tokens, counted in `stats`."""
+        ids, mask, cut = render_row(self.tok, self.dataset[g % self.N], self.T + 1)
+        stats["conversations"] += 1
+        stats["truncated"] += cut is not None
+        stats["cut_mid_reply"] += cut == "reply"
+        return ids, mask
+
+    def next_step(self):
+        """([(inputs, targets)] for each micro-batch of this rank in the next step, stats)."""
+        stats, batches = new_stats(), []
+        for a in range(0, len(self.streams), self.B):
+            rows = [self._row(j, stats) for j in self.streams[a:a + self.B]]
+            L = self.T + 1 if self.fixed_length else max(len(ids) for ids, _ in rows)
+            stats["rows"] += len(rows)
+            stats["row_tokens"] += L * len(rows)
+            stats["pad_tokens"] += sum(L - len(ids) for ids, _ in rows)
+            batches.append(rows_to_batch(rows, self.bos, L, self.device))
+        return batches, stats
+
 
 class PackedBatcher(_Batcher):
     """Midtraining: best-fit packing, BOS-aligned, padded instead of cropped; (B, T) micro-batches."""
-    kind = "packed"
+    kind, fixed_length = "packed", True
 
     def __init__(self, dataset, tokenizer, B, T, rows_per_step=None, rank=0, world_size=1, device="cpu",
                  buffer_size=16, resume_state=None):
@@ -120,40 +131,23 @@ class PackedBatcher(_Batcher):
         if resume_state is not None:
             self._load(resume_state)
 
-    def _take(self, g, stats):
-        ids, mask, cut = render_row(self.tok, self.dataset[g % self.N], self.T + 1)
-        self._rendered[g] = (ids, mask)
-        count_cut(stats, cut)
-
     def _row(self, j, stats):
-        cap, ids, mask, buf = self.T + 1, [], [], self.buffer[j]
+        """Stream j's next row, unpadded: rows_to_batch pads it with BOS and no loss."""
+        ids, mask, buf = [], [], self.buffer[j]
         while True:
             while len(buf) < self.buffer_size:  # keep the buffer full so best fit has a choice
                 g = self.next[j]
-                self._take(g, stats)
+                self._rendered[g] = self._render(g, stats)
                 buf.append(g)
                 self.next[j] = g + self.R
-            room = cap - len(ids)
+            room = self.T + 1 - len(ids)
             fits = [g for g in buf if len(self._rendered[g][0]) <= room]
             if not fits:
-                break
+                return ids, mask
             best = max(fits, key=lambda g: len(self._rendered[g][0]))  # the first of the longest
             buf.remove(best)
             a, m = self._rendered.pop(best)
             ids, mask = ids + a, mask + m
-        stats["rows"] += 1
-        stats["row_tokens"] += cap
-        stats["pad_tokens"] += cap - len(ids)
-        return ids + [self.bos] * (cap - len(ids)), mask + [0] * (cap - len(mask))
-
-    def next_step(self):
-        """([(inputs, targets)] for each micro-batch of this rank in the next step, stats)."""
-        stats = new_stats()
-        batches = []
-        for a in range(0, len(self.streams), self.B):
-            rows = [self._row(j, stats) for j in self.streams[a:a + self.B]]
-            batches.append(rows_to_batch(rows, self.bos, self.T + 1, self.device))
-        return batches, stats
 
     def state_dict(self):
         return {"kind": "packed", "R": self.R, "T": self.T, "N": self.N,
@@ -173,7 +167,7 @@ class PackedBatcher(_Batcher):
             self.next[j] = merged[j]["next"]
             self.buffer[j] = list(merged[j]["buffer"])
             for g in self.buffer[j]:
-                self._take(g, scratch)  # re-render only; these were counted when first taken
+                self._rendered[g] = self._render(g, scratch)  # counted when first taken
 
 
 class PaddedBatcher(_Batcher):
@@ -190,22 +184,13 @@ class PaddedBatcher(_Batcher):
             self._check_state(st)
             self.next = st["next"]
 
+    def _row(self, k, stats):
+        return self._render(self.next + k, stats)
+
     def next_step(self):
-        stats = new_stats()
-        batches = []
-        for a in range(0, len(self.streams), self.B):
-            rendered = [render_row(self.tok, self.dataset[(self.next + k) % self.N], self.T + 1)
-                        for k in self.streams[a:a + self.B]]
-            for *_, cut in rendered:
-                count_cut(stats, cut)
-            rows = [(ids, mask) for ids, mask, _ in rendered]
-            L = self.T + 1 if self.fixed_length else max(len(ids) for ids, _ in rows)
-            stats["rows"] += len(rows)
-            stats["row_tokens"] += L * len(rows)
-            stats["pad_tokens"] += sum(L - len(ids) for ids, _ in rows)
-            batches.append(rows_to_batch(rows, self.bos, L, self.device))
+        step = super().next_step()
         self.next += self.R
-        return batches, stats
+        return step
 
     def state_dict(self):
         return {"kind": "padded", "R": self.R, "T": self.T, "N": self.N, "next": self.next}

@@ -74,11 +74,8 @@ def converted_dir():
 
 def task_data_path(bundle_dir, dataset_uri):
     """The task's jsonl: in the bundle, else converted into the base dir; None when neither exists."""
-    for root in (os.path.join(bundle_dir, "eval_data"), converted_dir()):
-        path = os.path.join(root, dataset_uri)
-        if os.path.isfile(path):
-            return path
-    return None
+    paths = [os.path.join(root, dataset_uri) for root in (os.path.join(bundle_dir, "eval_data"), converted_dir())]
+    return next((path for path in paths if os.path.isfile(path)), None)
 
 
 def load_tasks(bundle_dir):
@@ -125,8 +122,7 @@ def download_bundle(url, dest, progress=True):
     download_file(url, zip_path, progress=progress)
     try:
         with zipfile.ZipFile(zip_path) as zf:
-            bad = zf.testzip()
-            if bad is not None:
+            if (bad := zf.testzip()) is not None:
                 raise zipfile.BadZipFile(f"member {bad} fails its CRC check")
             tmp = dest + ".tmp"
             shutil.rmtree(tmp, ignore_errors=True)
@@ -152,13 +148,9 @@ def convert_squad(zip_path, out_path):
         if len(names) != 1:
             raise ValueError(f"{zip_path} should hold exactly one .json file, has {names}")
         squad = json.loads(zf.read(names[0]).decode("utf-8"))
-    rows = []
-    for article in squad["data"]:
-        for paragraph in article["paragraphs"]:
-            for qa in paragraph["qas"]:
-                rows.append({"context": SQUAD_TEMPLATE.format(context=paragraph["context"].strip(),
-                                                              question=qa["question"].strip()),
-                             "continuation": qa["answers"][0]["text"].strip()})
+    rows = [{"context": SQUAD_TEMPLATE.format(context=par["context"].strip(), question=qa["question"].strip()),
+             "continuation": qa["answers"][0]["text"].strip()}
+            for article in squad["data"] for par in article["paragraphs"] for qa in par["qas"]]
     os.makedirs(os.path.dirname(out_path), exist_ok=True)
     atomic_write_bytes(out_path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode("utf-8"))
     return len(rows)
@@ -243,11 +235,8 @@ def render_prompts(task_type, item, fewshot, delimiter):
 
 
 def _common_prefix_len(seqs):
-    n = min(len(s) for s in seqs)
-    for i in range(n):
-        if any(s[i] != seqs[0][i] for s in seqs[1:]):
-            return i
-    return n
+    # zip stops at the shortest sequence: the first column where the sequences differ, else its length
+    return next((i for i, col in enumerate(zip(*seqs)) if len(set(col)) > 1), min(len(s) for s in seqs))
 
 
 def tokenize_prompts(tokenizer, task_type, prompts):
@@ -327,8 +316,7 @@ def evaluate_task(model, tokenizer, task, device, max_per_task=-1, rank=0, world
     for idx in tqdm(range(rank, n, world_size), desc=task.label, disable=not (progress and rank == 0),
                     leave=False, dynamic_ncols=True):
         # Few-shot examples come from the whole task, so an item's prompt does not depend on n.
-        ok, _ = evaluate_example(model, tokenizer, data, idx, task, device)
-        correct[idx] = float(ok)
+        correct[idx] = float(evaluate_example(model, tokenizer, data, idx, task, device)[0])
     if world_size > 1 and dist.is_initialized():
         dist.barrier()
         dist.all_reduce(correct, op=dist.ReduceOp.SUM)

@@ -18,6 +18,7 @@ Built on the meta device, then initialised by init_weights(), so nothing set in 
 Attention itself (backends, windows, the KV-cache form) lives in nanochat/attention.py.
 """
 
+import functools
 from dataclasses import dataclass, asdict
 
 import torch
@@ -187,19 +188,15 @@ def _ce_chunk_loss(logits, targets, softcap: float):
     return torch.where(targets >= 0, loss, torch.zeros_like(loss))
 
 
-_compiled_kernels = {}
+_compile = functools.cache(torch.compile)  # one compiled wrapper per (kernel, dynamic)
 
 
 def _kernel(fn, compiled, dynamic=False):
-    """fn under torch.compile (once per fn), or fn itself. The training kernel is static: its chunks
-    have one fixed shape. The loss-only kernel sees the ragged last chunk of every differently padded
-    validation batch, so it passes dynamic=None: after the first size change it recompiles once with a
-    symbolic row count, instead of once per size until dynamo's recompile limit sends it to eager."""
-    if not compiled:
-        return fn
-    if fn not in _compiled_kernels:
-        _compiled_kernels[fn] = torch.compile(fn, dynamic=dynamic)
-    return _compiled_kernels[fn]
+    """fn under torch.compile, or fn itself. The training kernel is static: its chunks have one fixed
+    shape. The loss-only kernel sees the ragged last chunk of every differently padded validation batch,
+    so it passes dynamic=None: after the first size change it recompiles once with a symbolic row count,
+    instead of once per size until dynamo's recompile limit sends it to eager."""
+    return _compile(fn, dynamic=dynamic) if compiled else fn
 
 
 def chunk_rows(vocab_size, budget=1 << 24):
@@ -234,8 +231,7 @@ def linear_cross_entropy(x, weight, targets, softcap, reduction="mean", weights=
     """Cross-entropy of softcapped logits x @ weight^T against targets (-1 = ignore), without ever
     holding the full logits. reduction: 'mean' (over non-ignored targets), 'sum', or 'none'
     (per-token losses, no gradient). `weights` (per token) overrides the reduction, e.g. for RL."""
-    x = x.reshape(-1, x.size(-1))
-    targets = targets.reshape(-1)
+    x, targets = x.reshape(-1, x.size(-1)), targets.reshape(-1)
     if reduction == "none":
         wc, rows, kernel = weight.to(x.dtype), chunk_rows(weight.size(0)), _kernel(_ce_chunk_loss, compiled, dynamic=None)
         return torch.cat([kernel(x[s:s + rows] @ wc.t(), targets[s:s + rows], softcap)
@@ -260,9 +256,8 @@ class GPT(nn.Module):
                                 for i in range(config.n_layer)]),
         })
         self.lm_head = Linear(config.n_embd, config.vocab_size, device=device)
-        kvd = config.n_kv_head * config.head_dim
         self.value_embeds = nn.ModuleDict({
-            str(i): nn.Embedding(config.vocab_size, kvd, device=device)
+            str(i): nn.Embedding(config.vocab_size, config.n_kv_head * config.head_dim, device=device)
             for i in range(config.n_layer) if has_value_embed(config, i)})
         if config.resid_scalars:
             self.resid_lambdas = nn.Parameter(torch.empty(config.n_layer, device=device))
@@ -404,13 +399,11 @@ class GPT(nn.Module):
         ids = torch.tensor([tokens], dtype=torch.long, device=device)
         for _ in range(max_tokens):
             logits = self.forward(ids)[:, -1, :]
-            if temperature == 0:
-                nxt = logits.argmax(dim=-1, keepdim=True)
-            else:
-                if top_k is not None and top_k > 0:
-                    v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
-                    logits[logits < v[:, [-1]]] = -float("inf")
-                nxt = torch.multinomial(F.softmax(logits / temperature, dim=-1), 1, generator=rng)
+            if top_k is not None and top_k > 0:  # keeps the argmax, so greedy decoding is unchanged
+                v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
+                logits[logits < v[:, [-1]]] = -float("inf")
+            nxt = (logits.argmax(dim=-1, keepdim=True) if temperature == 0
+                   else torch.multinomial(F.softmax(logits / temperature, dim=-1), 1, generator=rng))
             ids = torch.cat([ids, nxt], dim=1)
             yield nxt.item()
 

@@ -17,16 +17,13 @@ import torch.distributed as dist
 def evaluate_bpb(model, batches, token_bytes):
     """batches: iterable of (inputs, targets). token_bytes: int tensor [vocab] on the model's device.
     Sums across torchrun ranks. Returns inf when there were no bytes at all."""
-    nats = torch.zeros((), dtype=torch.float64, device=token_bytes.device)
-    nbytes = torch.zeros((), dtype=torch.float64, device=token_bytes.device)
+    totals = torch.zeros(2, dtype=torch.float64, device=token_bytes.device)  # nats, bytes
     for x, y in batches:
         loss = model(x, y, loss_reduction="none").reshape(-1).double()
         y = y.reshape(-1)
         b = torch.where(y >= 0, token_bytes[y.clamp(min=0)], torch.zeros_like(y)).double()
-        nats += (loss * (b > 0)).sum()
-        nbytes += b.sum()
+        totals += torch.stack([(loss * (b > 0)).sum(), b.sum()])
     if dist.is_available() and dist.is_initialized():
-        pair = torch.stack([nats, nbytes])
-        dist.all_reduce(pair)
-        nats, nbytes = pair[0], pair[1]
-    return nats.item() / (math.log(2) * nbytes.item()) if nbytes.item() else float("inf")
+        dist.all_reduce(totals)
+    nats, nbytes = totals.tolist()
+    return nats / (math.log(2) * nbytes) if nbytes else float("inf")

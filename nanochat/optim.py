@@ -143,11 +143,8 @@ class MuonAdamW(torch.optim.Optimizer):
             state.update(step=0, exp_avg=torch.zeros_like(data, dtype=torch.float32),
                          exp_avg_sq=torch.zeros_like(data, dtype=torch.float32))
         state["step"] += 1
-        t = state["step"]
-        beta1, beta2 = group["betas"]
-        lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
-        g = grad.float()
-        m, v = state["exp_avg"], state["exp_avg_sq"]
+        t, (beta1, beta2), m, v = state["step"], group["betas"], state["exp_avg"], state["exp_avg_sq"]
+        lr, wd, eps, g = group["lr"], group["weight_decay"], group["eps"], grad.float()
         m.lerp_(g, 1 - beta1)
         v.lerp_(g.square(), 1 - beta2)
         # Bias-correct both moments before adding eps (modded-nanogpt's AdamW, as first copied
@@ -218,11 +215,9 @@ class MuonAdamW(torch.optim.Optimizer):
                     if parts[0] is None:
                         continue
                     state = {k: v for k, v in parts[0].items() if k != "sharded" and not torch.is_tensor(v)}
-                    for key, v in parts[0].items():
-                        if not torch.is_tensor(v):
-                            continue
+                    for key in [k for k, v in parts[0].items() if torch.is_tensor(v)]:
                         # saved sharded: rank order = row order; saved replicated: every rank has it all
-                        full = torch.cat([q[key] for q in parts]) if parts[0]["sharded"] else v
+                        full = torch.cat([q[key] for q in parts]) if parts[0]["sharded"] else parts[0][key]
                         if full.shape != p.shape:
                             raise ValueError(f"optimizer state {key} of {name} has shape {tuple(full.shape)}, the "
                                              f"parameter {tuple(p.shape)}: the checkpoint is of a different model")

@@ -2,14 +2,12 @@
 The report card of a run: report/report.md, built only from the report/<stage>.json summaries every
 script writes (nanochat.common.write_report_json), plus a plot of the loss and bpb curves (loss.png).
 
-    python -m nanochat.report reset                            # at the start of a run: archive the
-                                                               # last run, record this machine
-    python -m nanochat.report generate --gpu-hour-price 3.0    # at the end
+    python -m nanochat.report reset                           # first: archive the last run, record this machine
+    python -m nanochat.report generate --gpu-hour-price 3.0   # at the end
 
-generate writes the machine, a table of headline metrics per stage (BASE / MID / SFT / RL), wall times
-and cost, then one section per stage (settings, results), and copies report.md (and the plot, as
-report_loss.png) to the current directory. Missing stages are listed, never fatal; stages this file
-does not know are shown after the known ones.
+generate writes the machine, headline metrics per stage (BASE / MID / SFT / RL), wall times and cost,
+one section per stage (settings, results), and copies report.md (and the plot, as report_loss.png) to
+the current directory. Missing stages are listed, never fatal; unknown stages follow the known ones.
 """
 
 import os
@@ -20,6 +18,7 @@ import shutil
 import platform
 import argparse
 import datetime
+import itertools
 
 from nanochat.common import report_dir, git_info, run_cli, write_report_json, atomic_write_bytes
 
@@ -82,8 +81,6 @@ def reset():
 
 
 def fmt_duration(seconds):
-    if seconds is None:
-        return "-"
     m, s = divmod(int(round(seconds)), 60)
     h, m = divmod(m, 60)
     return f"{h}h {m:02d}m {s:02d}s" if h else (f"{m}m {s:02d}s" if m else f"{s}s")
@@ -107,15 +104,10 @@ def fmt_value(v):
     return str(v)
 
 
-# Where a stage's duration is found: wall_time (write_report_json convention), else older spellings.
-WALL_TIME_KEYS = ("wall_time", "wall_time_s", "train_time_s", "train_time")
-
-
 def stage_seconds(data):
-    for key in WALL_TIME_KEYS:
-        if isinstance(data.get(key), (int, float)) and not isinstance(data.get(key), bool):
-            return float(data[key])
-    return None
+    """A stage's duration: wall_time (write_report_json's convention), else an older spelling; or None."""
+    times = [data.get(k) for k in ("wall_time", "wall_time_s", "train_time_s", "train_time")]
+    return next((float(t) for t in times if isinstance(t, (int, float)) and not isinstance(t, bool)), None)
 
 
 def _is_table(v):
@@ -151,19 +143,18 @@ def _git_line(git):
 
 
 def section_header(system, started, note):
-    lines = ["## Environment", ""] + ([f"_{note}_", ""] if note else []) + [
+    names = ", ".join(sorted(set(system.get("gpus", []))))
+    gpus = (f"{system['gpu_count']}x {names} ({system.get('gpu_memory_gb')} GB total), CUDA {system.get('cuda')}"
+            if system.get("gpu_count") else "none (CPU run)")
+    return "\n".join(["## Environment", ""] + ([f"_{note}_", ""] if note else []) + [
         _git_line(system.get("git", {})),
         f"- Platform: {system.get('platform', '-')}",
         f"- CPU: {system.get('cpu', '-')} ({system.get('cpu_cores_physical', '-')} physical / "
         f"{system.get('cpu_cores_logical', '-')} logical cores)",
         f"- RAM: {system.get('ram_gb', '-')} GB",
-    ]
-    names = ", ".join(sorted(set(system.get("gpus", []))))
-    gpus = (f"{system['gpu_count']}x {names} ({system.get('gpu_memory_gb')} GB total), CUDA {system.get('cuda')}"
-            if system.get("gpu_count") else "none (CPU run)")
-    lines.append(f"- GPUs: {gpus}")
-    lines.append(f"- Python {system.get('python', '-')}, PyTorch {system.get('torch', '-')}")
-    return "\n".join(lines + ([f"- Run started: {started}"] if started else []))
+        f"- GPUs: {gpus}",
+        f"- Python {system.get('python', '-')}, PyTorch {system.get('torch', '-')}",
+    ] + ([f"- Run started: {started}"] if started else []))
 
 
 def section_stage(stage, data):
@@ -174,11 +165,11 @@ def section_stage(stage, data):
         lines.append(f"- Command: `{data['command']}`")
     if isinstance(data.get("git"), dict):
         lines.append(_git_line(data["git"]))
-    if isinstance(data.get("args"), dict) and data["args"]:
-        lines += ["", "Settings:", ""] + [f"- {k}: {fmt_value(v)}" for k, v in data["args"].items()]
-    results = [(k, v) for k, v in data.items() if k not in SPECIAL_KEYS and not _is_table(v)]
-    if results:
-        lines += ["", "Results:", ""] + [f"- {k}: {fmt_value(v)}" for k, v in results]
+    settings = data["args"] if isinstance(data.get("args"), dict) else {}
+    results = {k: v for k, v in data.items() if k not in SPECIAL_KEYS and not _is_table(v)}
+    for title, items in (("Settings", settings), ("Results", results)):
+        if items:
+            lines += ["", f"{title}:", ""] + [f"- {k}: {fmt_value(v)}" for k, v in items.items()]
     for k, v in data.items():  # lists of records (e.g. tok_eval's comparison rows) become tables
         if k not in SPECIAL_KEYS and _is_table(v):
             header = list(v[0])
@@ -210,11 +201,10 @@ def metrics_table(summaries):
     def cell(v):
         return f"{v:.4f}" if isinstance(v, (int, float)) else "-"
     core = summaries.get("base_eval", {}).get("core")
-    rows = [["CORE"] + [cell(core if source == "base" else None) for _, source in COLUMNS]]
     evals = [summaries.get(f"chat_eval_{source}", {}) for _, source in COLUMNS]
-    for metric in CHAT_METRICS:
-        rows.append([metric] + [cell(ev.get("results", {}).get(metric, {}).get("accuracy")) for ev in evals])
-    rows.append(["ChatCORE"] + [cell(ev.get("chatcore")) for ev in evals])
+    rows = ([["CORE"] + [cell(core if source == "base" else None) for _, source in COLUMNS]]
+            + [[m] + [cell(ev.get("results", {}).get(m, {}).get("accuracy")) for ev in evals] for m in CHAT_METRICS]
+            + [["ChatCORE"] + [cell(ev.get("chatcore")) for ev in evals]])
     return md_table(["Metric"] + [c for c, _ in COLUMNS], rows)
 
 
@@ -233,9 +223,7 @@ def plot_curves(summaries, path):
         if losses:
             steps = list(range(1, len(losses) + 1))
             line, = ax_loss.plot(steps, losses, alpha=0.3, linewidth=0.8)
-            smooth = losses[:1]
-            for x in losses[1:]:
-                smooth.append(0.9 * smooth[-1] + 0.1 * x)
+            smooth = list(itertools.accumulate(losses, lambda avg, x: 0.9 * avg + 0.1 * x))
             ax_loss.plot(steps, smooth, color=line.get_color(), label=f"{stage} (EMA 0.9)")
         hist = [h for h in d.get("val_bpb_history") or [] if isinstance(h, (list, tuple)) and len(h) == 2]
         if hist:
@@ -266,14 +254,14 @@ def generate(gpu_hour_price=3.0, cpu_hour_price=0.0, copy_to=None):
         system, started = system_info(), None
         note = "No header.json: this machine information was collected at generate time (run " \
                "`python -m nanochat.report reset` at the start of a run to record it)."
-    known = [s for s in STAGES if s in summaries]
-    unknown = sorted(s for s in summaries if s not in STAGES)
+    # Known stages in pipeline order, then the others.
+    stages = [s for s in STAGES if s in summaries] + sorted(s for s in summaries if s not in STAGES)
     missing = [s for s in STAGES if s not in summaries]
 
     parts = ["# nanochat training report", "", f"Generated: {datetime.datetime.now().isoformat(timespec='seconds')}",
              "", section_header(system, started, note)]
     # Summary first: it is what people look for.
-    wall = {s: stage_seconds(summaries[s]) for s in known + unknown if stage_seconds(summaries[s]) is not None}
+    wall = {s: stage_seconds(summaries[s]) for s in stages if stage_seconds(summaries[s]) is not None}
     total, gpus = sum(wall.values()), system.get("gpu_count") or 0
     parts += ["", "## Summary", "", metrics_table(summaries), ""]
     parts += [md_table(["Stage", "Wall time"], [(STAGES.get(s, s), fmt_duration(t)) for s, t in wall.items()]
@@ -297,7 +285,7 @@ def generate(gpu_hour_price=3.0, cpu_hour_price=0.0, copy_to=None):
         parts += ["", "![Training loss and validation bits per byte](loss.png)"]
     elif os.path.exists(png):
         os.remove(png)  # a plot from an earlier report would now be stale
-    for stage in known + unknown:
+    for stage in stages:
         parts += ["", section_stage(stage, summaries[stage])]
     md = "\n".join(parts) + "\n"
     out = os.path.join(rdir, "report.md")

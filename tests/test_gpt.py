@@ -46,7 +46,7 @@ def test_per_token_loss_compiles_once_for_ragged_sizes():
     from torch._dynamo.utils import counters
     import nanochat.gpt as gpt
     torch._dynamo.reset()
-    gpt._compiled_kernels.clear()
+    gpt._compile.cache_clear()
     counters.clear()
     torch.manual_seed(2)
     W = torch.randn(600, 32)
