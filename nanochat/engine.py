@@ -1,6 +1,5 @@
 """
-The inference engine: the one path by which the chat CLI, the web server, the evals and RL sample
-from a model.
+The inference engine: the one path by which the chat CLI, the web server, the evals and RL sample from a model.
 
     engine = Engine(model, tokenizer)
     prompt = render_prompt(tokenizer, [{"role": "user", "content": "Hi"}])
@@ -8,23 +7,21 @@ from a model.
         ...                                   # one token per row per step, as soon as it is sampled
     sequences, masks = engine.generate_batch(prompt, num_samples=4, max_tokens=256)
 
-- KVCache: keys/values preallocated per request, (layers, B, T_max, H_kv, D), filled in place, never
-  resized (resize_ on a non-last dimension scrambles the contents); its dtype follows the model, never
-  a hard-coded bf16 (which breaks MPS and fp32 inference).
-- The prompt is prefilled once at batch 1 and copied into the N-row decode cache; every row samples
-  independently, the first token included (one first token copied to every row makes N samples alike).
-- Sampling: temperature (0 = greedy), top-k (None or <= 0 = off), top-p (nucleus), from a
-  torch.Generator seeded per request: the same seed reproduces the same samples.
+- KVCache: (layers, B, T_max, H_kv, D) preallocated per request and filled in place, never resized (resize_
+  on a non-last dimension scrambles it); its dtype follows the model, never a hard-coded bf16 (breaks MPS, fp32).
+- The prompt is prefilled once at batch 1 and copied into the N-row decode cache; every row samples independently,
+  the first token included (one first token copied to every row makes N samples alike).
+- Sampling: temperature (0 = greedy), top-k (None or <= 0 = off), top-p (nucleus), from a torch.Generator
+  seeded per request: the same seed reproduces the same samples.
 - Tool use: a row that writes <|python_start|> code <|python_end|> gets the code run in the sandbox
-  (nanochat.execution) and <|output_start|> result <|output_end|> forced into it (mask 0; sampled
-  tokens have mask 1). A row finishes on <|assistant_end|> or <|bos|>; generation stops when every
-  row has, after max_tokens, or when the context is full -- never with an error.
+  (nanochat.execution) and <|output_start|> result <|output_end|> forced into it (mask 0; sampled tokens have
+  mask 1). A row finishes on <|assistant_end|> or <|bos|>; generation stops when every row has, after
+  max_tokens, or when the context is full -- never with an error.
 
-Speed: fp32 master weights computing in bf16 would be cast on every forward, so the engine runs an
-inference copy in the compute dtype. Training that writes through .data (the optimizers do) is
-invisible to it: call refresh_weights() after such a step (RL does). Scripts that only infer call
-prepare_for_inference(model) instead, which casts the model itself. On a bf16 CPU the matrices are
-also prepacked for oneDNN (pack_linears), ~3x faster for batch-1 decode.
+Speed: fp32 master weights computing in bf16 would be cast on every forward, so the engine runs an inference
+copy in the compute dtype; writes through .data (the optimizers') are invisible to it: call refresh_weights()
+after such a step (RL does). Scripts that only infer call prepare_for_inference(model), which casts the model
+itself. On a bf16 CPU the matrices are also prepacked for oneDNN (pack_linears), ~3x faster batch-1 decode.
 """
 
 import threading
@@ -52,16 +49,13 @@ class KVCache:
         # empty, not zeros: only positions [0, pos) are ever read, and those have been written
         self.k = torch.empty(shape, device=device, dtype=dtype)
         self.v = torch.empty(shape, device=device, dtype=dtype)
-        self.batch_size, self.max_len = batch_size, max_len
-        self.pos = 0
+        self.batch_size, self.max_len, self.pos = batch_size, max_len, 0
 
     @classmethod
     def for_model(cls, model, batch_size, max_len):
-        cfg = model.config
-        device = model.lm_head.weight.device
-        # On the CPU keep keys/values in fp32: decoding attends one query over the whole cache, and
-        # the CPU's fp32 attention kernel is several times faster than bf16 at that shape (the
-        # weights, which dominate memory, stay bf16). Elsewhere the cache is in the compute dtype.
+        cfg, device = model.config, model.lm_head.weight.device
+        # On the CPU keep keys/values in fp32: decoding attends one query over the whole cache, and the CPU's
+        # fp32 attention kernel is several times faster than bf16 at that shape (the weights stay bf16).
         dtype = torch.float32 if device.type == "cpu" else model.compute_dtype
         return cls(batch_size, cfg.n_layer, max_len, cfg.n_kv_head, cfg.head_dim, device, dtype)
 
@@ -69,9 +63,8 @@ class KVCache:
         """Store k, v (B, T, H_kv, D) at [pos, pos+T); return this layer's keys and values [0, pos+T)."""
         end = self.pos + k.size(1)
         if end > self.max_len:
-            raise ContextLimitError(f"KV cache is full: {self.pos} cached + {k.size(1)} new tokens > its "
-                                    f"{self.max_len} positions; allocate a larger cache (at most the model's "
-                                    f"sequence_len) or shorten the input")
+            raise ContextLimitError(f"KV cache is full: {self.pos} cached + {k.size(1)} new tokens > its {self.max_len} "
+                                    f"positions; use a larger cache (at most sequence_len) or a shorter input")
         self.k[layer, :, self.pos:end] = k
         self.v[layer, :, self.pos:end] = v
         return self.k[layer, :, :end], self.v[layer, :, :end]
@@ -81,27 +74,23 @@ class KVCache:
 
     def prefill(self, other):
         """Copy a batch-1 cache (a prefilled prompt) into every row of this one."""
-        if other.batch_size != 1:
-            raise ValueError(f"prefill copies from a batch-1 cache, got one with {other.batch_size} rows")
-        if other.k.shape[0] != self.k.shape[0] or other.k.shape[3:] != self.k.shape[3:]:
-            raise ValueError(f"prefill: cache shapes do not match ({tuple(other.k.shape)} vs {tuple(self.k.shape)})")
+        if other.batch_size != 1 or other.k.shape[0] != self.k.shape[0] or other.k.shape[3:] != self.k.shape[3:]:
+            raise ValueError(f"prefill copies a batch-1 cache of the same layers and heads, got shape "
+                             f"{tuple(other.k.shape)} for {tuple(self.k.shape)}")
         if other.pos > self.max_len:
             raise ContextLimitError(f"prefill: {other.pos} cached tokens do not fit in {self.max_len} positions")
-        n = other.pos
+        n = self.pos = other.pos
         self.k[:, :, :n] = other.k[:, :, :n]  # broadcasts over the batch dimension
         self.v[:, :, :n] = other.v[:, :, :n]
-        self.pos = n
 
 
 # -----------------------------------------------------------------------------
 # Weights and logits
 
 def prepare_for_inference(model):
-    """For a model only ever used for inference (CLI, server, evals): cast its weights to the compute
-    dtype in place (no forward casts them again, the engine needs no copy) and prepack them for the
-    CPU (pack_linears). Not for a model still being trained."""
-    model.eval()
-    model.requires_grad_(False)
+    """For a model only used for inference (CLI, server, evals), not one still training: cast its weights
+    to the compute dtype in place (so the engine needs no copy) and prepack them for the CPU (pack_linears)."""
+    model.eval().requires_grad_(False)
     for p in model.parameters():
         if p.is_floating_point() and p.dtype != model.compute_dtype:
             p.data = p.data.to(model.compute_dtype)
@@ -119,8 +108,8 @@ def _packable(model):
 
 
 def _version(t):
-    """(storage, version counter) of a tensor: changes whenever it is modified in place or replaced.
-    Tensors made under inference_mode have no counter; only replacement is seen for those."""
+    """(storage, version counter) of a tensor: changes whenever it is modified in place or replaced (only
+    replacement for tensors made under inference_mode, which have no counter)."""
     return t.data_ptr(), (None if t.is_inference() else t._version)
 
 
@@ -185,8 +174,7 @@ def _inference_copy(model):
 
 
 def last_logits(model, ids, kv_cache):
-    """fp32 softcapped logits (B, V) of the last position only (a prefill need not project every
-    position onto the vocabulary)."""
+    """fp32 softcapped logits (B, V) of the last position only (a prefill need not project every position)."""
     x = model.trunk(ids, kv_cache)[:, -1]
     logits = model.lm_head(x).float()  # a new tensor (the projection is in the compute dtype): safe to modify
     c = model.config.softcap
@@ -218,9 +206,8 @@ def sample_next(logits, rng, temperature=1.0, top_k=None, top_p=None):
 # Prompts and replies as text
 
 def render_prompt(tokenizer, messages):
-    """Token ids that prompt the assistant's reply to a conversation that ends with a user message:
-    exactly render_conversation's layout followed by <|assistant_start|>. `messages` is a list of
-    {"role", "content"} dicts or a conversation dict {"messages": [...]}."""
+    """Token ids that prompt the assistant's reply to a conversation ending with a user message: exactly
+    render_conversation's layout + <|assistant_start|>. `messages`: [{"role", "content"}] or {"messages": [...]}."""
     conversation = messages if isinstance(messages, dict) else {"messages": messages}
     msgs = conversation.get("messages")
     if not isinstance(msgs, list) or not msgs:
@@ -229,14 +216,12 @@ def render_prompt(tokenizer, messages):
 
 
 class TextStream:
-    """Incremental detokenizer: add(token id) returns the text that can be shown now; the pieces
-    concatenate to decode(all ids). A character split across tokens decodes to U+FFFD until its last
-    byte arrives, so text ending in U+FFFD is held back (else half characters would show). Ids are
-    dropped once they decode cleanly: UTF-8 self-synchronises, so later bytes cannot change that text."""
+    """Incremental detokenizer: add(token id) returns the text that can be shown now; the pieces concatenate to
+    decode(all ids). A character split across tokens decodes to U+FFFD until its last byte arrives, so text
+    ending in U+FFFD is held back. Ids are dropped once they decode cleanly: UTF-8 self-synchronises."""
 
     def __init__(self, tokenizer):
-        self.tokenizer = tokenizer
-        self.pending = []
+        self.tokenizer, self.pending = tokenizer, []
 
     def add(self, token):
         self.pending.append(token)
@@ -276,14 +261,12 @@ def reply_content(tokenizer, ids):
 # -----------------------------------------------------------------------------
 
 class _Row:
-    """Per-row state of the tool-use state machine."""
+    """Per-row state of the tool-use state machine: the tokens to emit instead of sampling (tool output),
+    the ids of the python block being written (None outside one), and whether and how the row ended."""
     __slots__ = ("forced", "python", "done", "end_token")
 
     def __init__(self):
-        self.forced = deque()  # tokens to emit instead of sampling (tool output)
-        self.python = None     # token ids of the python block being written, None outside one
-        self.done = False
-        self.end_token = None
+        self.forced, self.python, self.done, self.end_token = deque(), None, False, None
 
 
 class Engine:
@@ -297,8 +280,8 @@ class Engine:
         self.assistant_end, self.bos = sp("<|assistant_end|>"), tokenizer.get_bos_token_id()
         self.python_start, self.python_end = sp("<|python_start|>"), sp("<|python_end|>")
         self.output_start, self.output_end = sp("<|output_start|>"), sp("<|output_end|>")
-        self._copy = None      # inference copy of the weights (see the module docstring)
-        self._versions = None  # the master weights' versions when the copy was last synced
+        # the inference copy of the weights (see the module docstring); the master versions it was synced at
+        self._copy, self._versions = None, None
         self._lock = threading.Lock()
 
     def _master_versions(self):
@@ -311,9 +294,8 @@ class Engine:
         self._versions = self._master_versions()
 
     def refresh_weights(self):
-        """Copy the model's current weights into the inference copy, in place (no new allocation).
-        Call it after an optimizer step: writes through .data bump no version counter, so the engine
-        cannot see them by itself. A no-op while the engine runs the model's own tensors."""
+        """Copy the model's weights into the inference copy, in place. Call it after an optimizer step: writes
+        through .data bump no version counter, so the engine cannot see them. A no-op without a copy."""
         with self._lock:
             if self._copy is not None:
                 self._sync_copy()
@@ -327,16 +309,14 @@ class Engine:
             return model
         with self._lock:
             if self._copy is None:
-                self._copy = _inference_copy(model)
-                self._versions = self._master_versions()
+                self._copy, self._versions = _inference_copy(model), self._master_versions()
             elif self._master_versions() != self._versions:
                 self._sync_copy()
             return self._copy
 
     def _run_tool(self, code_ids):
-        code = self.tokenizer.decode(code_ids)
-        result = execute_code(code, timeout=self.tool_timeout, max_output_bytes=self.tool_output_bytes,
-                              repl_mode=True)
+        result = execute_code(self.tokenizer.decode(code_ids), timeout=self.tool_timeout,
+                              max_output_bytes=self.tool_output_bytes, repl_mode=True)
         return [self.output_start] + self.tokenizer.encode(result.summary()) + [self.output_end]
 
     def _next(self, row, sampled):
@@ -344,7 +324,7 @@ class Engine:
         if row.done:
             return row.end_token, 0  # filler that keeps the batch aligned; consumers stopped at end_token
         token, mask = (row.forced.popleft(), 0) if row.forced else (sampled, 1)
-        if token == self.assistant_end or token == self.bos:
+        if token in (self.assistant_end, self.bos):
             row.done, row.end_token = True, token
         elif token == self.python_start:
             row.python = []
@@ -356,9 +336,8 @@ class Engine:
         return token, mask
 
     def generate(self, tokens, num_samples=1, max_tokens=None, temperature=1.0, top_k=None, top_p=None, seed=42):
-        """Stream (token_column, mask_column), lists of num_samples, one step at a time; mask 1 =
-        sampled, 0 = forced tool output. After its terminal token a row repeats it with mask 0.
-        Arguments are checked here, before the first token is asked for."""
+        """Stream (token_column, mask_column), lists of num_samples, one step at a time; mask 1 = sampled, 0 = forced
+        tool output. After its terminal token a row repeats it with mask 0. Arguments are checked at the call."""
         tokens = list(tokens)
         limit = self.model.config.sequence_len
         if not tokens:
@@ -387,8 +366,7 @@ class Engine:
             return
         model = self._inference_model()
         device = model.lm_head.weight.device
-        rng = torch.Generator(device=device)
-        rng.manual_seed(seed)
+        rng = torch.Generator(device=device).manual_seed(seed)
 
         # The last sampled token is never fed back, so the cache needs one position less than that.
         cache = KVCache.for_model(model, num_samples, len(tokens) + n_new - 1)
@@ -419,11 +397,8 @@ class Engine:
         done = [False] * num_samples
         for column, mask_column in self.generate(tokens, num_samples, **kwargs):
             for i, (token, mask) in enumerate(zip(column, mask_column)):
-                if done[i]:
-                    continue
-                if token == self.assistant_end or token == self.bos:
-                    done[i] = True
-                else:
+                done[i] = done[i] or token in (self.assistant_end, self.bos)
+                if not done[i]:
                     sequences[i].append(token)
                     masks[i].append(mask)
             if all(done):

@@ -1,36 +1,35 @@
 """
-Run a snippet of Python in a separate, locked-down process and report what happened. Two callers:
-the inference engine (the model's `<|python_start|> ... <|python_end|>` tool blocks, shown back to
-the model via ExecutionResult.summary()) and HumanEval scoring (did the program exit cleanly).
+Run a snippet of Python in a separate, locked-down process and report what happened. Two callers: the
+inference engine (the model's `<|python_start|> ... <|python_end|>` tool blocks, shown back to the model via
+ExecutionResult.summary()) and HumanEval scoring (did the program exit cleanly).
 
     result = execute_code("print(sum(range(10)))")          # ExecutionResult(success=True, stdout="45\n", ...)
     execute_code("'strawberry'.count('r')", repl_mode=True)  # stdout "3\n", like the Python REPL
     python -m scripts.sandbox -c "print(1)"                  # from the shell, with the layers that held
 
-Isolation, layer by layer (each where the machine allows it; the kernel layers are what hold, the
-Python layer catches the ordinary cases everywhere):
-  * a fresh interpreter (`python -I -B`, its own process group, never a fork of the caller), so it is
-    safe from any thread: the parent enforces the wall clock by killing the group (no SIGALRM)
-  * rlimits (memory, CPU seconds, file size, no core files); a minimal environment, stdin closed,
-    cwd = a fresh temp dir deleted afterwards; output read incrementally with a byte cap
+Isolation, layer by layer (each where the machine allows it; the kernel layers are what hold, the Python layer
+catches the ordinary cases everywhere):
+  * a fresh interpreter (`python -I -B`, its own process group, never a fork of the caller), so it is safe
+    from any thread: the parent enforces the wall clock by killing the group (no SIGALRM)
+  * rlimits (memory, CPU seconds, file size, no core files); a minimal environment, stdin closed, cwd = a
+    fresh temp dir deleted afterwards; output read incrementally with a byte cap
   * Linux: a new network namespace (inside a new user namespace where allowed): no network at all
-  * Linux >= 5.13: Landlock -- writes only beneath the temp dir, reads only from the Python install,
-    system library dirs and a few harmless files (no ~/.ssh, no other processes' /proc), no execve;
-    on newer kernels also no TCP bind/connect and no signals to processes outside
-  * Linux x86-64/aarch64: seccomp refuses fork/vfork/clone-without-CLONE_THREAD and execve (threads
-    still work); without seccomp, RLIMIT_NPROC=0 (non-root users only; it also forbids threads)
-  * everywhere: an audit hook (which Python cannot remove) refusing sockets, processes, signals,
-    ctypes and other raw native-memory modules, gc enumeration, writes outside the temp dir,
-    symlinks, and reads of other processes' /proc entries
+  * Linux >= 5.13: Landlock -- writes only beneath the temp dir, reads only from the Python install, system
+    library dirs and a few harmless files (no ~/.ssh, no other processes' /proc), no execve; on newer
+    kernels also no TCP bind/connect and no signals to processes outside
+  * Linux x86-64/aarch64: seccomp refuses fork/vfork/clone-without-CLONE_THREAD and execve (threads still
+    work); without seccomp, RLIMIT_NPROC=0 (non-root users only; it also forbids threads)
+  * everywhere: an audit hook (which Python cannot remove) refusing sockets, processes, signals, ctypes and
+    other raw native-memory modules, gc enumeration, writes outside the temp dir, symlinks, and reads of
+    other processes' /proc entries
 
-It is NOT a security boundary against a determined attacker: the audit hook sees only what Python
-reports (a file opened through `dir_fd` is checked against the wrong directory; _ctypes loaded by
-hand through importlib slips past the import check, and native code then does as it likes); C
-extensions and kernel bugs, side channels and what rlimits do not cover (total disk use, many
-threads) remain; where Landlock, seccomp and namespaces are missing (macOS, old kernels, some
-containers) only the audit hook and rlimits are left. For untrusted, multi-tenant use (a public web
-UI or API), run the server in a container or VM with its own user, filesystem and network.
-Linux and macOS only (POSIX process groups, the `resource` module).
+It is NOT a security boundary against a determined attacker: the audit hook sees only what Python reports (a
+file opened through `dir_fd` is checked against the wrong directory; _ctypes loaded by hand through importlib
+slips past the import check, and native code then does as it likes); C extensions and kernel bugs, side
+channels and what rlimits do not cover (total disk use, many threads) remain; where Landlock, seccomp and
+namespaces are missing (macOS, old kernels, some containers) only the audit hook and rlimits are left. For
+untrusted, multi-tenant use (a public web UI or API), run the server in a container or VM with its own user,
+filesystem and network. Linux and macOS only (POSIX process groups, the `resource` module).
 """
 
 import os
@@ -42,6 +41,7 @@ import shutil
 import signal
 import selectors
 import tempfile
+import contextlib
 import subprocess
 from dataclasses import dataclass
 
@@ -81,9 +81,8 @@ def execute_code(code: str, timeout: float = DEFAULT_TIMEOUT, memory_limit_bytes
                  max_output_bytes: int = DEFAULT_MAX_OUTPUT, *, repl_mode: bool = False) -> ExecutionResult:
     """Run `code` in a fresh, isolated Python process and return what it printed and how it ended.
     timeout: wall-clock seconds before the process group is killed (CPU time is capped a bit above it);
-    memory_limit_bytes: the child's address-space limit (exceeding it sets memory_exceeded);
-    max_output_bytes: how much of stdout and of stderr is kept, beginning and end (output_truncated
-    says whether some was dropped); repl_mode: print the repr of a final expression as the interactive
+    memory_limit_bytes: the child's address-space limit; max_output_bytes: how much of stdout and of stderr
+    is kept, beginning and end; repl_mode: print the repr of a final expression, as the interactive
     interpreter does (`'strawberry'.count('r')` prints 3), for the model's tool calls."""
     if not isinstance(code, str):
         raise TypeError(f"code must be a str, got {type(code).__name__}")
@@ -110,15 +109,15 @@ def execute_code(code: str, timeout: float = DEFAULT_TIMEOUT, memory_limit_bytes
         # A separate pipe on which the child reports which layers it switched on; it is closed before
         # the user code starts, so the code cannot forge the report.
         status_r, status_w = os.pipe()
-        config = {"timeout": float(timeout), "memory_limit": memory_limit_bytes, "repl_mode": bool(repl_mode),
-                  "status_fd": status_w}
-        cmd = [sys.executable, "-I", "-B", "-X", "utf8", os.path.abspath(__file__), CHILD_FLAG, json.dumps(config)]
+        config = json.dumps({"timeout": float(timeout), "memory_limit": memory_limit_bytes,
+                             "repl_mode": bool(repl_mode), "status_fd": status_w})
+        cmd = [sys.executable, "-I", "-B", "-X", "utf8", os.path.abspath(__file__), CHILD_FLAG, config]
         start = time.monotonic()
         proc = subprocess.Popen(cmd, cwd=sandbox_dir, env=_child_env(sandbox_dir), stdin=subprocess.DEVNULL,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, pass_fds=(status_w,),
                                 close_fds=True, start_new_session=True)
         os.close(status_w)
-        status_w = -1
+        status_w = -1  # closed: the finally below must not close it again
         out, err, status = _Capture(max_output_bytes), _Capture(max_output_bytes), _Capture(4096)
         timed_out = _collect(proc, {proc.stdout.fileno(): out, proc.stderr.fileno(): err, status_r: status},
                              deadline=start + timeout)
@@ -213,19 +212,15 @@ def _kill_group(proc):
     # The child leads its own session (start_new_session), so its pid is also its process group id.
     # Only called before the child is reaped, so the pid cannot have been reused.
     for kill in (lambda: os.killpg(proc.pid, signal.SIGKILL), proc.kill):
-        try:
+        with contextlib.suppress(OSError):
             kill()
-        except OSError:
-            pass
 
 
 def _remove_tree(path):
     # The code may have chmod-ed directories to 0; give them back to the owner so rmtree can empty them.
     def unlock(p):
-        try:
+        with contextlib.suppress(OSError):
             os.chmod(p, 0o700, follow_symlinks=False)
-        except OSError:
-            pass
     unlock(path)
     for root, dirs, _ in os.walk(path):
         for d in dirs:
@@ -284,11 +279,9 @@ def _child_main(config_json):
         protections += _linux_kernel_layers(sandbox_dir)
     if "seccomp" not in protections:
         # fallback: no new processes (or threads) for this uid; root is exempt, which is why seccomp comes first
-        try:
+        with contextlib.suppress(ValueError, OSError, AttributeError):
             resource.setrlimit(resource.RLIMIT_NPROC, (0, 0))
             protections.append("rlimit-nproc")
-        except (ValueError, OSError, AttributeError):
-            pass
     # ctypes was only needed to set up the kernel layers: forget it, and refuse to import it again
     # (its memmove/cast/from_address reach arbitrary memory without any audit event)
     for name in [m for m in sys.modules if m.split(".")[0] in _BLOCKED_MODULES]:
@@ -310,8 +303,7 @@ def _child_main(config_json):
     if cfg["repl_mode"] and tree.body and isinstance(tree.body[-1], ast.Expr):
         last_expr = ast.Expression(tree.body.pop().value)
     main = types.ModuleType("__main__")  # fresh globals; pickle etc. find user classes in __main__
-    main.__file__ = USER_FILE
-    main.__builtins__ = __builtins__
+    main.__file__, main.__builtins__ = USER_FILE, __builtins__
     sys.modules["__main__"] = main
     exec(compile(tree, USER_FILE, "exec"), main.__dict__)
     if last_expr is not None:
@@ -326,14 +318,11 @@ def _user_frames(tb):
 
 
 def _set_rlimits(resource, timeout, memory_limit):
-    cpu = _cpu_limit(timeout)
-    m = memory_limit
+    m, cpu = memory_limit, _cpu_limit(timeout)
     for name, limits in [("RLIMIT_AS", (m, m)), ("RLIMIT_DATA", (m, m)), ("RLIMIT_FSIZE", (m, m)),
                          ("RLIMIT_CORE", (0, 0)), ("RLIMIT_CPU", (cpu, cpu + 1))]:
-        try:
+        with contextlib.suppress(ValueError, OSError, AttributeError):  # e.g. macOS rejects RLIMIT_AS
             resource.setrlimit(getattr(resource, name), limits)
-        except (ValueError, OSError, AttributeError):
-            pass  # e.g. macOS rejects RLIMIT_AS; the other layers still apply
     # a write past RLIMIT_FSIZE should raise OSError(EFBIG) in the code, not kill it with SIGXFSZ
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
 
@@ -353,21 +342,15 @@ def _linux_kernel_layers(sandbox_dir):
     if libc.unshare(CLONE_NEWUSER | CLONE_NEWNET) == 0 or libc.unshare(CLONE_NEWNET) == 0:
         layers.append("netns")
     PR_SET_NO_NEW_PRIVS = 38  # required for unprivileged Landlock and seccomp
-    if libc.prctl(PR_SET_NO_NEW_PRIVS, ctypes.c_ulong(1), ctypes.c_ulong(0), ctypes.c_ulong(0),
-                  ctypes.c_ulong(0)) != 0:
+    if libc.prctl(PR_SET_NO_NEW_PRIVS, *(ctypes.c_ulong(a) for a in (1, 0, 0, 0))) != 0:
         return layers
     machine = os.uname().machine.lower()
-    try:
-        abi = _landlock(ctypes, libc, machine, sandbox_dir)
-        if abi:
+    with contextlib.suppress(OSError):
+        if abi := _landlock(ctypes, libc, machine, sandbox_dir):
             layers.append(f"landlock-abi{abi}")
-    except OSError:
-        pass
-    try:
+    with contextlib.suppress(OSError):
         if _seccomp_no_processes(ctypes, libc, machine):
             layers.append("seccomp")
-    except OSError:
-        pass
     return layers
 
 
@@ -481,10 +464,8 @@ def _seccomp_no_processes(ctypes, libc, machine):
         _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.POINTER(SockFilter))]
 
     filters = (SockFilter * len(prog))()
-    for i, (code, jt, jf, k) in enumerate(prog):
-        # jump targets are relative to the next instruction
-        jt = labels[jt] - i - 1 if isinstance(jt, str) else jt
-        jf = labels[jf] - i - 1 if isinstance(jf, str) else jf
+    for i, (code, jt, jf, k) in enumerate(prog):  # jump targets are relative to the next instruction
+        jt, jf = (labels[j] - i - 1 if isinstance(j, str) else j for j in (jt, jf))
         filters[i] = SockFilter(code, jt, jf, k)
     fprog = SockFprog(len(prog), filters)
     PR_SET_SECCOMP, SECCOMP_MODE_FILTER = 22, 2

@@ -7,9 +7,8 @@ Chat with a trained model in the terminal, replies streamed token by token.
     python -m scripts.chat_cli --source path/to/hf_export
 
 Interactive commands: 'clear' starts a new conversation, 'quit' or 'exit' (or Ctrl-D / Ctrl-C) leaves.
-The conversation is rendered by render_conversation (via engine.render_prompt), exactly as the model
-saw chats in training. When the model calls its python tool, the code and its output are shown on
-their own lines.
+The prompt is rendered exactly as the model saw chats in training (engine.render_prompt). When the model
+calls its python tool, the code and its output are shown on their own lines.
 """
 
 import argparse
@@ -28,14 +27,12 @@ def get_args(argv=None):
     p.add_argument("-s", "--step", type=int, default=None, help="checkpoint step (default: the latest)")
     p.add_argument("-p", "--prompt", default="", help="ask this one question, print the reply and exit")
     p.add_argument("-t", "--temperature", type=float, default=0.6, help="0 = greedy (default 0.6)")
-    p.add_argument("-k", "--top-k", type=int, default=50, help="sample among the k most likely tokens, 0 = all "
-                                                               "(default 50)")
+    p.add_argument("-k", "--top-k", type=int, default=50, help="sample from the k likeliest tokens, 0 = all (default 50)")
     p.add_argument("--top-p", type=float, default=1.0,
                    help="nucleus sampling: smallest set of tokens with this much probability, 1 = off (default 1)")
     p.add_argument("-m", "--max-tokens", type=int, default=512,
                    help="longest reply in tokens (default 512; the context length also caps it)")
-    p.add_argument("--seed", type=int, default=42,
-                   help="sampling seed of the first reply; reply n uses seed + n (default 42)")
+    p.add_argument("--seed", type=int, default=42, help="seed of the first reply; reply n uses seed + n (default 42)")
     p.add_argument("--device-type", default="", help="cuda, mps or cpu (default: autodetect)")
     args = p.parse_args(argv)
     if args.temperature < 0:

@@ -15,14 +15,14 @@ Endpoints
     GET  /v1/models            the one model served
     GET  /health, GET /stats   liveness; workers, busy, queue length, requests served, tokens generated
 
-Errors are JSON in OpenAI's shape {"error": {"message", "type", "param", "code"}}, naming the value
-and the limit it broke; bad input is a 4xx, never a 500. On /v1 `model` is not checked (one model
-answers all); `top_k` is an extension; `n` must be 1; `stop`, tools and logprobs are refused.
+Errors are JSON in OpenAI's shape {"error": {"message", "type", "param", "code"}}, naming the value and the
+limit it broke; bad input is a 4xx, never a 500. On /v1 `model` is not checked (one model answers all);
+`top_k` is an extension; `n` must be 1; `stop`, tools and logprobs are refused.
 
-Workers: each owns a model replica and its Engine (one per GPU by default; --num-workers replicas on
-CPU/MPS) and generates on its own thread, tokens coming back through an asyncio.Queue. Requests wait
-FIFO for a free worker. A client that disconnects (the page's stop button) sets a flag the worker
-checks every token; the worker rejoins the pool once its thread has stopped.
+Workers: each owns a model replica and its Engine (one per GPU by default; --num-workers replicas on CPU/MPS)
+and generates on its own thread, tokens coming back through an asyncio.Queue. Requests wait FIFO for a free
+worker. A client that disconnects (the page's stop button) sets a flag the worker checks every token; the
+worker rejoins the pool once its thread has stopped.
 """
 
 import os
@@ -40,7 +40,7 @@ import pathlib
 import threading
 import traceback
 from contextlib import closing
-from dataclasses import dataclass
+from dataclasses import dataclass, asdict
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
@@ -106,16 +106,15 @@ class GenRequest:
 
 async def read_json(request):
     """The request body as parsed JSON, refusing oversized bodies and malformed JSON with a 4xx."""
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
-        raise ApiError(f"request body is {int(declared)} bytes; the limit is {MAX_BODY_BYTES} bytes",
-                       code="body_too_large", status=413)
+    too_big = ApiError(f"request body exceeds the limit of {MAX_BODY_BYTES} bytes", code="body_too_large", status=413)
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+        raise too_big  # refused before reading it
     raw = bytearray()
     async for chunk in request.stream():
         raw += chunk
         if len(raw) > MAX_BODY_BYTES:
-            raise ApiError(f"request body exceeds the limit of {MAX_BODY_BYTES} bytes", code="body_too_large",
-                           status=413)
+            raise too_big
     if not raw.strip():
         raise ApiError("request body is empty: send a JSON object with a 'messages' list", code="invalid_json")
     try:
@@ -140,17 +139,6 @@ def _number(body, name, default, lo, hi, integer=False, open_low=False):
     return v
 
 
-def _content_text(content, where):
-    """OpenAI allows content as a list of parts; we take text parts only."""
-    if not isinstance(content, list):
-        return content
-    for j, part in enumerate(content):
-        if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
-            raise ApiError(f"{where}[{j}] must be a text part {{'type': 'text', 'text': str}}: this model reads "
-                           f"text only", where, "invalid_content")
-    return "".join(part["text"] for part in content)
-
-
 def parse_messages(raw, allow_system):
     """Validate the messages list against the limits; returns [{"role", "content"}] with str content."""
     roles = ("system", "user", "assistant") if allow_system else ("user", "assistant")
@@ -163,16 +151,20 @@ def parse_messages(raw, allow_system):
     out, total = [], 0
     for i, m in enumerate(raw):
         if not isinstance(m, dict):
-            raise ApiError(f"messages[{i}] must be an object with 'role' and 'content'", f"messages[{i}]",
-                           "invalid_type")
+            raise ApiError(f"messages[{i}] must be a {{role, content}} object", f"messages[{i}]", "invalid_type")
         role = m.get("role")
         if role == "developer" and allow_system:
             role = "system"  # OpenAI's newer name for the system message
         if role not in roles:
             raise ApiError(f"messages[{i}].role is {json.dumps(role)[:50]}: it must be one of {', '.join(roles)}",
                            f"messages[{i}].role", "invalid_role")
-        where = f"messages[{i}].content"
-        content = _content_text(m.get("content"), where) if allow_system else m.get("content")
+        where, content = f"messages[{i}].content", m.get("content")
+        if allow_system and isinstance(content, list):  # OpenAI's list of content parts: text parts only
+            if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+                       for p in content):
+                raise ApiError(f"{where} must be a string or a list of text parts {{'type': 'text', 'text': str}}: "
+                               f"this model reads text only", where, "invalid_content")
+            content = "".join(p["text"] for p in content)
         if not isinstance(content, str):
             raise ApiError(f"{where} must be a string, got {type(content).__name__}", where, "invalid_type")
         if role == "user" and not content.strip():
@@ -202,8 +194,7 @@ def parse_request(body, defaults, openai):
     max_tokens = _number(body, "max_tokens", defaults.max_tokens, *MAX_TOKENS_RANGE, integer=True)
     if openai:
         top_p = _number(body, "top_p", 1.0, *TOP_P_RANGE, open_low=True)
-        if body.get("max_completion_tokens") is not None:  # the newer name wins
-            max_tokens = _number(body, "max_completion_tokens", None, *MAX_TOKENS_RANGE, integer=True)
+        max_tokens = _number(body, "max_completion_tokens", max_tokens, *MAX_TOKENS_RANGE, integer=True)  # the newer name
         if _number(body, "n", 1, 1, 2 ** 31, integer=True) != 1:
             raise ApiError(f"n={body['n']} is not supported: this server returns exactly one choice (n=1)", "n",
                            "unsupported_value")
@@ -211,9 +202,9 @@ def parse_request(body, defaults, openai):
         for name in ("stop", "tools", "functions", "response_format", "logprobs"):
             if body.get(name) not in ((None, False) if name == "logprobs" else (None, [], {})):
                 raise ApiError(f"{name} is not supported by this server", name, "unsupported_parameter")
-        for name, want in (("stream", bool), ("model", str), ("stream_options", dict)):
+        for name, want, kind in (("stream", bool, "a bool"), ("model", str, "a str"),
+                                 ("stream_options", dict, "an object")):
             if body.get(name) is not None and not isinstance(body[name], want):
-                kind = {bool: "a bool", str: "a str", dict: "an object"}[want]
                 raise ApiError(f"{name} must be {kind}, got {json.dumps(body[name])[:100]}", name, "invalid_type")
     return GenRequest(messages, float(temperature), int(top_k), float(top_p), int(max_tokens), int(seed))
 
@@ -238,8 +229,8 @@ class Worker:
         self.executor = ThreadPoolExecutor(1, thread_name_prefix=f"nanochat-worker{wid}", initializer=init_thread)
 
     def run(self, prompt, req, max_tokens, cancel, emit):
-        """On the worker thread: emit ("token", id) per generated token, then exactly one ("finish",
-        "stop"|"length"|"cancelled") or ("error", message). Returns the number of tokens generated."""
+        """On the worker thread: emit ("token", id) per generated token, then exactly one ("finish", "stop"|"length"|
+        "cancelled") or ("error", message). Returns the number of tokens generated."""
         n = 0
         try:
             gen = self.engine.generate(prompt, max_tokens=max_tokens, temperature=req.temperature, seed=req.seed,
@@ -267,8 +258,7 @@ class WorkerPool:
         if not workers:
             raise ValueError("a worker pool needs at least one worker")
         self.workers, self.model_id, self.defaults = workers, model_id, defaults
-        self.tokenizer = workers[0].tokenizer
-        self.context_len = min(w.context_len for w in workers)
+        self.tokenizer, self.context_len = workers[0].tokenizer, min(w.context_len for w in workers)
         self.free = asyncio.Queue()
         for w in workers:
             self.free.put_nowait(w)
@@ -301,9 +291,9 @@ class WorkerPool:
         return prompt, min(req.max_tokens, room)
 
     async def generate(self, prompt, req, max_tokens, info):
-        """Async generator of text pieces for one reply. Waits for a free worker, streams from its thread,
-        and on exit (finished, client gone, or cancelled) stops the thread and frees the worker.
-        Fills info with worker, finish_reason, completion_tokens, ttft; raises ApiError on failure."""
+        """Async generator of text pieces for one reply. Waits for a free worker, streams from its thread, and on
+        exit (finished, client gone, or cancelled) stops the thread and frees the worker. Fills info with worker,
+        finish_reason, completion_tokens, ttft; raises ApiError on failure."""
         t0 = time.perf_counter()
         self.waiting += 1
         try:
@@ -353,8 +343,7 @@ class WorkerPool:
 # Loading
 
 def build_workers(source, model_tag=None, step=None, num_workers=None, device_type=None):
-    """Load one model replica per worker, all of the same checkpoint step (or HF export folder).
-    Returns (workers, model id)."""
+    """Load one model replica per worker, all of the same checkpoint step (or HF export folder): (workers, model id)."""
     from nanochat.checkpoint import STAGE_DIRS, resolve_checkpoint
     from nanochat.hf_convert import load_any
     device_type = device_type or autodetect_device_type()
@@ -396,8 +385,8 @@ SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}  # no pro
 
 
 def page_headers(html):
-    """Content-Security-Policy allowing exactly the page's own inline script and style (by hash) and
-    requests to this origin: even if model output were ever inserted as HTML, nothing would run."""
+    """Content-Security-Policy allowing exactly the page's own inline script and style (by hash) and requests to
+    this origin: even if model output were ever inserted as HTML, nothing would run."""
     def hashes(tag):
         return " ".join(f"'sha256-{base64.b64encode(hashlib.sha256(m.encode()).digest()).decode()}'"
                         for m in re.findall(rf"<{tag}>(.*?)</{tag}>", html, re.DOTALL))
@@ -441,8 +430,7 @@ def create_app(pool):
         s = pool.stats()
         return {"status": "ok", "ready": True, "model": pool.model_id, "workers": s["workers"],
                 "available_workers": s["available_workers"], "context_length": pool.context_len,
-                "defaults": {"temperature": pool.defaults.temperature, "top_k": pool.defaults.top_k,
-                             "max_tokens": pool.defaults.max_tokens}}
+                "defaults": asdict(pool.defaults)}
 
     @app.get("/stats")
     async def stats():
@@ -459,12 +447,10 @@ def create_app(pool):
             f" tok, {info.get('finish_reason')}, ttft {ttft}, total {time.perf_counter() - t0:.2f}s")
 
     @app.post("/chat/completions")
-    async def chat_page(request: Request):
-        """The page's endpoint: SSE events {"token"}, then {"done"} or {"error"}."""
-        t0, rid = time.perf_counter(), next(counter)
+    async def chat_page(request: Request):  # SSE events {"token"}, then {"done"} or {"error"}
+        t0, rid, info = time.perf_counter(), next(counter), {}
         req = parse_request(await read_json(request), pool.defaults, openai=False)
         prompt, max_tokens = pool.prepare(req)
-        info = {}
 
         async def events():
             try:

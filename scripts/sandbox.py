@@ -20,8 +20,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("path", nargs="?", help="file with the code to run ('-' = stdin); or use --code")
     p.add_argument("-c", "--code", help="the code to run, as a string")
-    p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT,
-                   help=f"wall-clock limit in seconds (default: {DEFAULT_TIMEOUT})")
+    p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, help="wall-clock seconds (default: %(default)s)")
     p.add_argument("--memory-mb", type=int, default=DEFAULT_MEMORY_LIMIT // 2**20,
                    help=f"memory limit in MiB (default: {DEFAULT_MEMORY_LIMIT // 2**20})")
     p.add_argument("--max-output-bytes", type=int, default=DEFAULT_MAX_OUTPUT,
@@ -31,11 +30,10 @@ def main(argv=None):
     args = p.parse_args(argv)
     if (args.code is None) == (args.path is None):
         p.error("give exactly one of: a file path (or '-') or --code")
-    if args.code is not None:
-        code = args.code
-    elif args.path == "-":
+    code = args.code
+    if args.path == "-":
         code = sys.stdin.read()
-    else:
+    elif args.path is not None:
         try:
             with open(args.path, encoding="utf-8") as f:
                 code = f.read()
