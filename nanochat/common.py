@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-# -----------------------------------------------------------------------------
+
 # Errors the user can fix
 
 class UserError(Exception):
@@ -39,7 +39,6 @@ def run_cli(main):
         raise SystemExit(130)
 
 
-# -----------------------------------------------------------------------------
 # Files
 
 def get_base_dir(create=True):
@@ -88,7 +87,6 @@ def get_local_data_dir():
     return path or None
 
 
-# -----------------------------------------------------------------------------
 # Logging
 
 def get_dist_info():
@@ -127,7 +125,6 @@ def init_wandb(run_name, project, config):
     return wandb.init(project=project, name=run_name, config=config)
 
 
-# -----------------------------------------------------------------------------
 # Device and dtype
 
 def autodetect_device_type():
@@ -297,7 +294,6 @@ def compute_cleanup(barrier=True):
         dist.destroy_process_group()
 
 
-# -----------------------------------------------------------------------------
 # Peak FLOPs for MFU
 
 # Dense bf16 tensor-core peaks from vendor datasheets (no sparsity). Matched by substring, first wins.
@@ -348,7 +344,6 @@ def get_peak_flops(device_type, dtype):
     return float("inf"), f"{device_type}: no peak known (MFU shown as 0)"
 
 
-# -----------------------------------------------------------------------------
 # Downloads
 
 class DownloadError(UserError, RuntimeError):
@@ -428,7 +423,6 @@ def download_file(url, path, expected_size=None, sha256=None, retries=5, timeout
     raise DownloadError(f"failed to download {url} after {attempt} attempt(s): {last_err}")
 
 
-# -----------------------------------------------------------------------------
 # Stage summaries
 
 def report_dir():

@@ -96,7 +96,6 @@ def check_loss(loss, step):
         raise TrainingError(f"loss became {loss} at step {step}: lower the learning rates, or check the data")
 
 
-# -----------------------------------------------------------------------------
 # Starting point
 
 class Start(argparse.Namespace):
@@ -181,7 +180,6 @@ def save(ckpt_dir, step, meta, model, optimizer, rt, tokenizer, loop, args, load
     print0(f"Saved checkpoint {ckpt_dir} step {step}")
 
 
-# -----------------------------------------------------------------------------
 # The step loop
 
 class StopRequested(KeyboardInterrupt):

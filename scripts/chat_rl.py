@@ -10,16 +10,13 @@ group-mean baseline.
 
 Each step, for each of --examples-per-step training problems (strided across ranks), the Engine samples
 --num-samples replies (the python tool runs as at inference; its forced output tokens are not trained).
-Reward = 1 if the reply's final answer is right, else 0; advantage = reward - the mean reward of that
-problem's samples (no division by the std). The loss is sum over sampled tokens of advantage x
-cross-entropy, divided by the number of sampled tokens in the whole step (token-level normalisation):
-its gradient is the policy gradient. On-policy (one update per batch of samples), no KL penalty, no
-ratio clipping. LR decays linearly to 0. pass@1 (greedy, one reply) on held-out problems is measured
-before training, every --eval-every steps and at the end.
-
-The LR flags mean what they mean in every stage, the LR at a 2^19-token batch; they default to the
-starting checkpoint's, and train at its batch scale (scaling.batch_lr_scale) x --init-lr-frac.
-Writes chatrl_checkpoints/<tag>/ and report/chat_rl.json.
+Reward = 1 if the final answer is right, else 0; advantage = reward - the mean reward of that problem's
+samples. Loss = sum over sampled tokens of advantage x cross-entropy / sampled tokens in the whole step:
+its gradient is the token-level policy gradient. On-policy, no KL penalty, no ratio clipping; LR
+decays linearly to 0. pass@1 (greedy) on held-out problems before, every --eval-every steps and at
+the end. The LR flags mean the LR at a 2^19-token batch, as in every stage; they default to the
+starting checkpoint's and train at its batch scale x --init-lr-frac. Writes chatrl_checkpoints/<tag>/
+and report/chat_rl.json.
 """
 
 import time

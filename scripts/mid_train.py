@@ -11,14 +11,11 @@ dropped up front with --overlong=drop). Loss on assistant tokens only.
     torchrun --standalone --nproc_per_node=8 -m scripts.mid_train -- --model-tag=d20
     python -m scripts.mid_train --resume                 # continue exactly where the last run stopped
 
-Mixture (sizes are flags): SmolTalk train (offline: the local stand-in conversations), MMLU
-auxiliary_train (offline only dev exists: MMLU dev, which is small, so ARC-Easy + ARC-Challenge train
-are in by default as well), GSM8K train, Identity, SpellingBee, plus any --custom-json files.
-Sequence length, batch sizes and learning rates default to the base checkpoint's. LR: flat for 80% of
-the run, then linear to 0.
-
-Writes mid_checkpoints/<tag>/ and report/mid_train.json. The training loop is shared with SFT and
-lives in nanochat/finetune.py.
+Mixture (tasks/mixtures.py; sizes are flags): SmolTalk train, MMLU auxiliary_train (offline only the
+small dev split exists, so ARC train is in by default too), GSM8K train, Identity, SpellingBee, plus any
+--custom-json files. Unset batch and LR settings come from the base checkpoint; LR flat for 80% of the
+run, then linear to 0. The loop, shared with SFT, is nanochat/finetune.py. Writes mid_checkpoints/<tag>/
+and report/mid_train.json.
 """
 
 from nanochat.common import run_cli
