@@ -11,6 +11,7 @@ import json
 import time
 import random
 import hashlib
+import functools
 import threading
 import datetime
 import subprocess
@@ -306,6 +307,7 @@ GPU_PEAK_BF16_FLOPS = [
 ]
 
 
+@functools.cache  # once per process: a figure cached on disk, if measured while busy, would be wrong forever
 def measure_cpu_matmul_peak(dtype, n=1024, seconds=1.0):
     """Best sustained FLOP/s of an n x n matmul in `dtype` on this CPU, timed for about `seconds`."""
     a = torch.randn(n, n, dtype=dtype)
@@ -321,13 +323,9 @@ def measure_cpu_matmul_peak(dtype, n=1024, seconds=1.0):
     return best
 
 
-_cpu_peaks = {}
-
-
 def get_peak_flops(device_type, dtype):
     """(peak FLOP/s per device, how it was obtained). GPUs: the datasheet table. CPUs: a matmul peak in
-    `dtype` measured once per process (about a second; not cached on disk, because a figure measured
-    while the machine was busy would be wrong forever)."""
+    `dtype`, measured (about a second)."""
     if device_type == "cuda":
         name = torch.cuda.get_device_name()
         for key, flops in GPU_PEAK_BF16_FLOPS:
@@ -335,9 +333,7 @@ def get_peak_flops(device_type, dtype):
                 return flops, f"{name}: {flops / 1e12:.0f} TFLOP/s bf16 datasheet peak"
         return float("inf"), f"{name}: unknown peak (MFU shown as 0; add it to GPU_PEAK_BF16_FLOPS)"
     if device_type == "cpu":
-        if dtype not in _cpu_peaks:
-            _cpu_peaks[dtype] = measure_cpu_matmul_peak(dtype)
-        flops = _cpu_peaks[dtype]
+        flops = measure_cpu_matmul_peak(dtype)
         dname = str(dtype).removeprefix("torch.")
         return flops, (f"CPU {dname} 1024x1024 matmul peak measured now on {torch.get_num_threads()} threads: "
                        f"{flops / 1e9:.0f} GFLOP/s")

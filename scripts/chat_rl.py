@@ -26,6 +26,8 @@ import torch
 
 from nanochat.common import print0, init_wandb, run_cli, UserError
 from nanochat.chat_data import rows_to_batch
+from tasks.gsm8k import GSM8K
+from tasks.spellingbee import SpellingBee
 from nanochat.scaling import B_REF, add_lr_flags, batch_lr_scale, inherit_lrs
 from nanochat.training import (add_run_flags, add_start_flags, begin, start_finetune, build_optimizer, set_schedule,
                                all_reduce_sum, save, run_loop, eval_due, finish, close)
@@ -63,17 +65,12 @@ def get_args(argv=None):
 
 
 def make_tasks(args):
-    """(training problems, held-out evaluation problems)."""
-    from tasks.common import DataUnavailableError
-    try:
-        if args.task == "gsm8k":
-            from tasks.gsm8k import GSM8K
-            return GSM8K("main", "train"), GSM8K("main", "test", stop=args.eval_examples)
-        from tasks.spellingbee import SpellingBee  # letter counting only: the answer is a checkable number
-        return (SpellingBee(args.spelling_size, "train", count_fraction=1.0),
-                SpellingBee(args.eval_examples, "test", count_fraction=1.0))
-    except DataUnavailableError as e:
-        raise UserError(f"cannot load the {args.task} problems: {e}") from None
+    """(training problems, held-out evaluation problems); SpellingBee: letter counting only, whose answer is
+    a checkable number."""
+    if args.task == "gsm8k":
+        return GSM8K("main", "train"), GSM8K("main", "test", stop=args.eval_examples)
+    return (SpellingBee(args.spelling_size, "train", count_fraction=1.0),
+            SpellingBee(args.eval_examples, "test", count_fraction=1.0))
 
 
 def rollout(engine, tokenizer, prompt, args, seed):

@@ -4,6 +4,9 @@ import os
 import pathlib
 
 import pytest
+import torch
+
+from tests.httpserver import http_server  # noqa: F401 (a fixture: a local HTTP server serving real files)
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 
@@ -82,3 +85,31 @@ def tiny_base(tiny_run, tmp_path, monkeypatch):
     shutil.copytree(tiny_run, dst)
     monkeypatch.setenv("NANOCHAT_BASE_DIR", str(dst))
     return dst
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tiny_run):
+    """The tiny pipeline's trained tokenizer (vocab 2048)."""
+    from nanochat.tokenizer import Tokenizer
+    return Tokenizer.load(str(tiny_run / "tokenizer"))
+
+
+@pytest.fixture
+def one_thread(monkeypatch):
+    """Tiny models run fastest on one thread, and a second intra-op thread on a busy machine (CI, or
+    other jobs on these 2 cores) makes every op wait for a descheduled peer: 10-50x slower. Modules of
+    tiny-model tests take it with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # compute_init() in the scripts leaves threads alone then
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def list_task(items, **view):
+    """The conversations `items` as a Task (viewed through start/stop/step), like the datasets the
+    batchers and mixtures hold."""
+    from tasks.common import Task
+    task = Task(**view)
+    task.rows = list(items)
+    return task

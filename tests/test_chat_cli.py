@@ -11,10 +11,12 @@ import torch
 
 from nanochat.engine import Engine, render_prompt, prepare_for_inference
 from scripts import chat_cli
-from test_engine import one_thread  # noqa: F401 (autouse: tiny models run fastest on one thread)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ARGS = ["--source", "base", "--temperature", "0", "--max-tokens", "12"]
+
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture

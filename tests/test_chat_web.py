@@ -120,8 +120,8 @@ def user(text):
 # Fixtures
 
 @pytest.fixture(scope="module")
-def tokenizer(tiny_run):
-    return Tokenizer.load(str(tiny_run / "tokenizer"))
+def tokenizer(tiny_tokenizer):
+    return tiny_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -10,15 +10,7 @@ from nanochat.engine import (Engine, KVCache, ContextLimitError, TextStream, las
 from nanochat.gpt import GPTConfig, build_model
 
 
-@pytest.fixture(autouse=True)
-def one_thread(monkeypatch):
-    """Tiny models run fastest on one thread, and a second intra-op thread on a busy machine (CI, or
-    other jobs on these 2 cores) makes every op wait for a descheduled peer: 10-50x slower."""
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # compute_init() in the scripts leaves threads alone then
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

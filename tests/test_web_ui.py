@@ -17,7 +17,7 @@ import httpx
 import pytest
 
 from scripts.chat_web import Sampling, WorkerPool, build_workers, create_app
-from test_chat_web import ThreadServer, echo_pool, wait_for, tokenizer  # noqa: F401 (tokenizer is a fixture)
+from test_chat_web import ThreadServer, echo_pool, wait_for
 
 CHROMIUM = os.environ.get("NANOCHAT_CHROMIUM", "/usr/bin/chromium")
 # Headless and offline: no sandbox (containers), no GPU, nothing phoning home.
@@ -59,8 +59,8 @@ def model_server(tiny_run):
 
 
 @pytest.fixture(scope="module")
-def echo_server(tokenizer):  # noqa: F811
-    pool = echo_pool(tokenizer, num_workers=1, delay=0.03)
+def echo_server(tiny_tokenizer):
+    pool = echo_pool(tiny_tokenizer, num_workers=1, delay=0.03)
     server = ThreadServer(create_app(pool))
     yield server.url
     server.close()
