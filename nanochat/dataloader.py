@@ -99,9 +99,7 @@ class DataLoader:
 
     def _row(self, j):
         """One row of T+1 tokens from stream j (inputs are row[:-1], targets row[1:])."""
-        cap = self.T + 1
-        row = []
-        buf = self.buffer[j]
+        cap, row, buf = self.T + 1, [], self.buffer[j]
         while len(row) < cap:
             self._refill(j)
             room = cap - len(row)

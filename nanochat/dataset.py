@@ -18,6 +18,7 @@ import time
 import random
 import shutil
 import argparse
+import contextlib
 import datetime
 import urllib.parse
 from concurrent.futures import ThreadPoolExecutor, as_completed
@@ -30,10 +31,8 @@ from nanochat.common import UserError, get_base_dir, atomic_write_json, download
 ROW_GROUP_SIZE = 1024
 DEFAULT_ENDPOINT = "https://huggingface.co"
 # The hub datasets of pre-shuffled shards; index max_shard is the validation shard.
-SOURCES = {
-    "climbmix": {"repo": "karpathy/climbmix-400b-shuffle", "max_shard": 6542},
-    "fineweb": {"repo": "karpathy/fineweb-edu-100b-shuffle", "max_shard": 1822},
-}
+SOURCES = {"climbmix": {"repo": "karpathy/climbmix-400b-shuffle", "max_shard": 6542},
+           "fineweb": {"repo": "karpathy/fineweb-edu-100b-shuffle", "max_shard": 1822}}
 SOURCE_FILE = "source.json"
 GET_SHARDS_HINT = ("Get shards with one of:\n"
                    "  python -m nanochat.dataset download -n 8      (ClimbMix from the HuggingFace hub)\n"
@@ -64,14 +63,11 @@ def _shard_names(data_dir):
 
 def read_source(data_dir=None):
     """base_data/source.json (where the shards came from), or None."""
-    try:
-        with open(os.path.join(data_dir or get_data_dir(), SOURCE_FILE)) as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return None
+    with contextlib.suppress(OSError, ValueError), open(os.path.join(data_dir or get_data_dir(), SOURCE_FILE)) as f:
+        return json.load(f)
+    return None
 
 
-# -----------------------------------------------------------------------------
 # Reading
 
 def list_parquet_files(split=None, data_dir=None):
@@ -139,7 +135,6 @@ def parquets_iter_batched(split, start=0, step=1, data_dir=None):
             yield read_row_group(pf, rg)
 
 
-# -----------------------------------------------------------------------------
 # Downloading from the HuggingFace hub
 
 def hub_endpoint(base_url=None):
@@ -156,11 +151,8 @@ def fetch_manifest(source, endpoint, data_dir, retries=3, timeout=30, backoff=2.
     from urllib3.util import Retry
 
     cache = os.path.join(data_dir, f"manifest_{source}.json")
-    try:
-        with open(cache) as f:
-            return json.load(f)["files"]
-    except (OSError, ValueError, KeyError):
-        pass
+    with contextlib.suppress(OSError, ValueError, KeyError), open(cache) as f:
+        return json.load(f)["files"]
     repo = SOURCES[source]["repo"]
     url, files = f"{endpoint}/api/datasets/{repo}/tree/main", {}
     http = requests.Session()  # retried with exponential backoff on connection errors and 429/5xx
@@ -261,7 +253,6 @@ def download_shards(indices, num_workers=4, source="climbmix", base_url=None, pr
     return [done[i] for i in indices]
 
 
-# -----------------------------------------------------------------------------
 # Importing local text
 
 IMPORT_SUFFIXES = (".txt", ".txt.gz", ".jsonl", ".jsonl.gz", ".parquet")
@@ -440,7 +431,6 @@ def import_local(src_dirs, val_fraction=0.05, shard_chars=250_000_000, seed=42, 
     return [os.path.join(data_dir, name) for name in names]
 
 
-# -----------------------------------------------------------------------------
 # Info and CLI
 
 def print_info(data_dir=None):

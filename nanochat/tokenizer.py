@@ -46,15 +46,13 @@ STOCK_ENCODINGS = {
         "url": _OPENAI_URL + "r50k_base.tiktoken",
         "sha256": "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930",
         "pattern": r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s""",
-        "special_tokens": {"<|endoftext|>": 50256},
-    },
+        "special_tokens": {"<|endoftext|>": 50256}},
     "cl100k_base": {  # GPT-4
         "url": _OPENAI_URL + "cl100k_base.tiktoken",
         "sha256": "223921b76ee99bde995b7ff738513eef100fb51d18c93597a113bcffe865b2a7",
         "pattern": r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}+| ?[^\s\p{L}\p{N}]++[\r\n]*+|\s++$|\s*[\r\n]|\s+(?!\S)|\s""",
         "special_tokens": {"<|endoftext|>": 100257, "<|fim_prefix|>": 100258, "<|fim_middle|>": 100259,
-                           "<|fim_suffix|>": 100260, "<|endofprompt|>": 100276},
-    },
+                           "<|fim_suffix|>": 100260, "<|endofprompt|>": 100276}},
 }
 
 

@@ -1,5 +1,4 @@
-"""
-Evaluate a base model: the CORE metric (nanochat/core_eval.py), bits per byte on the train and val shards,
+"""Evaluate a base model: the CORE metric (nanochat/core_eval.py), bits per byte on the train and val shards,
 and a few greedy and sampled completions. Writes base_eval/base_model_<step>.csv (Task, Accuracy, Centered,
 CORE) and report/base_eval.json under the base dir.
 

@@ -1,5 +1,4 @@
-"""
-Inference benchmark of the engine: prefill throughput, time to first token, decode throughput and time per
+"""Inference benchmark of the engine: prefill throughput, time to first token, decode throughput and time per
 output token at several batch sizes, and peak memory, all through Engine.generate (the path the CLI, web
 server, evals and RL use) on random prompt tokens. --random-init sizes the model from --depth exactly as
 base_train does, so a size can be benchmarked untrained. Prints a table, then one JSON line of every figure.
@@ -113,8 +112,7 @@ def main(argv=None):
           f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params, {weight_bytes / 2**20:.0f} MiB weights, "
           f"dtype {dtype}, device {device}" + (f" ({threads} threads)" if threads else ""))
     sample = dict(temperature=args.temperature, top_k=args.top_k)
-    for _ in engine.generate(prompt, max_tokens=4, **sample):  # warm-up: first calls allocate and pick kernels
-        pass
+    list(engine.generate(prompt, max_tokens=4, **sample))  # warm-up: first calls allocate and pick kernels
 
     # prefill alone: the prompt through the model into a cache, last-position logits out
     prefill_times = []

@@ -1,5 +1,4 @@
-"""
-Training throughput and MFU of one configuration: full optimizer steps (forward, fused loss, backward,
+"""Training throughput and MFU of one configuration: full optimizer steps (forward, fused loss, backward,
 MuonAdamW) on random tokens, timed after warm-up (and compilation). The data loader is not included
 (base_train's logged tok/s includes it). Prints one JSON line per run; --compare-dtypes runs bf16 then fp32
 back to back in this process and then prints their throughput ratio.

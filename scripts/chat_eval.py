@@ -1,5 +1,4 @@
-"""
-Evaluate a chat model on the chat tasks, and ChatCORE once all six have a result (nanochat/task_eval.py).
+"""Evaluate a chat model on the chat tasks, and ChatCORE once all six have a result (nanochat/task_eval.py).
 
     python -m scripts.chat_eval -i sft                          # all six tasks
     python -m scripts.chat_eval -i sft -a "GSM8K|HumanEval" -x 100

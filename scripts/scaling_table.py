@@ -1,5 +1,4 @@
-"""
-One table from a sweep of base models: runs/scaling_laws.sh and runs/miniseries.sh copy each run's
+"""One table from a sweep of base models: runs/scaling_laws.sh and runs/miniseries.sh copy each run's
 report/base_train.json (and report/base_eval.json, when CORE was measured) into <results dir>/<run>/; this
 reads them all and writes a markdown table (table.md: rows by FLOPs budget, then depth; CORE "-" where not
 measured) and the raw numbers (results.csv) there.
@@ -38,13 +37,12 @@ def collect(results_dir):
         ev = _load(os.path.join(results_dir, run, "base_eval.json")) or {}
         groups = train["num_params_by_group"]
         budget = train.get("args", {}).get("target_flops", -1)
-        rows.append({
-            "run": run, "budget": budget if budget and budget > 0 else None, "depth": train["depth"],
-            "width": train["model_config"]["n_embd"], "params": groups["total"], "scaling_params": groups["scaling"],
-            "tokens": train["tokens"], "tokens_per_param": train["tokens"] / groups["scaling"],
-            "flops": train["total_training_flops"], "val_bpb": train["val_bpb"], "core": ev.get("core"),
-            "core_tasks": ev.get("core_tasks_used"), "train_min": train["total_training_time"] / 60,
-        })
+        rows.append({"run": run, "budget": budget if budget and budget > 0 else None, "depth": train["depth"],
+                     "width": train["model_config"]["n_embd"], "params": groups["total"],
+                     "scaling_params": groups["scaling"], "tokens": train["tokens"],
+                     "tokens_per_param": train["tokens"] / groups["scaling"], "flops": train["total_training_flops"],
+                     "val_bpb": train["val_bpb"], "core": ev.get("core"), "core_tasks": ev.get("core_tasks_used"),
+                     "train_min": train["total_training_time"] / 60})
     if not rows:
         raise SystemExit(f"no <run>/base_train.json under {results_dir}: did any run of the sweep finish?")
     rows.sort(key=lambda r: (r["budget"] or 0, r["depth"], r["run"]))

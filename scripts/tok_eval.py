@@ -53,8 +53,7 @@ SAMPLES = {
         "chlorophyll a (absorption peaks near 430 nm and 662 nm). The resulting electron transport chain pumps "
         "protons across the membrane, and ATP synthase uses this gradient to produce ATP, while NADP+ is reduced "
         "to NADPH. In the Calvin cycle, the enzyme RuBisCO fixes CO2 onto ribulose-1,5-bisphosphate; overall, "
-        "6 CO2 + 6 H2O + light -> C6H12O6 + 6 O2."),
-}
+        "6 CO2 + 6 H2O + light -> C6H12O6 + 6 O2.")}
 
 
 def stock_tiktoken_path(name):

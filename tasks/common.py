@@ -163,9 +163,8 @@ def local_data_path(relpath, real_source):
         return None
     path = os.path.join(root, relpath)
     if not os.path.exists(path):
-        raise DataUnavailableError(
-            f"{path} not found: NANOCHAT_LOCAL_DATA={root} has no local copy of {real_source}. "
-            f"Add the file there, or unset NANOCHAT_LOCAL_DATA to download the real source.")
+        raise DataUnavailableError(f"{path} not found: NANOCHAT_LOCAL_DATA={root} has no local copy of {real_source}. "
+                                   f"Add the file there, or unset NANOCHAT_LOCAL_DATA to download the real source.")
     return path
 
 

@@ -35,8 +35,7 @@ class CustomJSON(Task):
         super().__init__(**kwargs)
         if not os.path.isfile(filepath):
             raise FileNotFoundError(f"CustomJSON: {filepath} does not exist (expected a .jsonl file of conversations)")
-        self.filepath = filepath
-        self.rows, errors = [], []
+        self.filepath, self.rows, errors = filepath, [], []
         with open(filepath, "rb") as f:
             for lineno, raw in enumerate(f, 1):
                 if not raw.strip():

@@ -47,6 +47,5 @@ class HumanEval(Task):
     def evaluate(self, conversation, completion):
         """Run the completion against the problem's tests in a subprocess sandbox; pass iff it exits cleanly."""
         from nanochat.execution import execute_code  # imported here: only HumanEval grading needs it
-        result = execute_code(self.build_program(conversation, completion), timeout=self.timeout,
-                              memory_limit_bytes=self.memory_limit_bytes)
-        return result.success
+        return execute_code(self.build_program(conversation, completion), timeout=self.timeout,
+                            memory_limit_bytes=self.memory_limit_bytes).success

@@ -1,12 +1,11 @@
 """SmolTalk: general multi-turn chat for SFT, from HuggingFace `HuggingFaceTB/smol-smoltalk` (train ~460K,
 test ~24K conversations, already in our message format).
 
-Offline stand-in (NANOCHAT_LOCAL_DATA set): the assistant conversations in chat_sft/ (LOCAL_SOURCES),
-normalised (roles mapped, empty messages dropped, leading assistant and trailing user messages trimmed,
-conversations that still don't alternate dropped); ~5% by a hash of the first user message (so repeated
-prompts land on one side) are the test split. Left out: fastchat's dummies (all "I am Vicuna, trained by
-LMSYS", which would fight the Identity task), gpteacher/toolformer (a tool syntax our engine does not run),
-and folders that are not assistant conversations (chit-chat, preference pairs, function-call transcripts).
+Offline stand-in (NANOCHAT_LOCAL_DATA set): the assistant conversations in chat_sft/ (LOCAL_SOURCES), made
+valid by normalise() or dropped; ~5% by a hash of the first user message (so repeated prompts land on one
+side) are the test split. Left out: fastchat's dummies (all "I am Vicuna, trained by LMSYS", which would fight
+the Identity task), gpteacher/toolformer (a tool syntax our engine does not run), and folders that are not
+assistant conversations (chit-chat, preference pairs, function-call transcripts).
 
 `python -m tasks.smoltalk OUT.jsonl` writes the train split as plain-text documents ("User: ..." /
 "Assistant: ..." paragraphs) for `python -m nanochat.dataset import`: offline 103M characters, six times
@@ -46,10 +45,6 @@ def normalise(messages):
         return None
 
 
-def _instruction(instruction, inp):
-    return f"{instruction}\n\n{inp}" if inp and inp.strip() else instruction
-
-
 def _sharegpt(path):
     for row in read_jsonl(path):
         turns = row.get("conversations") or []
@@ -58,31 +53,22 @@ def _sharegpt(path):
         yield [(SHAREGPT_ROLES[t["from"]], t.get("value")) for t in turns]
 
 
-def _lima(path):
+def _instruct(path, output_key="output"):
+    """Alpaca-style records: an optional history [[question, answer], ...], then instruction (+ input) -> output."""
     with open(path, encoding="utf-8") as f:
         for row in json.load(f):
             turns = [t for q, a in row.get("history") or [] for t in (("user", q), ("assistant", a))]
-            yield turns + [("user", _instruction(row["instruction"], row.get("input"))), ("assistant", row["output"])]
-
-
-def _instruct(path, output_key):
-    with open(path, encoding="utf-8") as f:
-        for row in json.load(f):
-            yield [("user", _instruction(row["instruction"], row.get("input"))), ("assistant", row[output_key])]
+            inp = row.get("input")
+            prompt = f"{row['instruction']}\n\n{inp}" if inp and inp.strip() else row["instruction"]
+            yield turns + [("user", prompt), ("assistant", row[output_key])]
 
 
 LOCAL_SOURCES = [
     ("chat_sft/sharegpt/sharegpt_v3_complete_records.jsonl.gz", _sharegpt),
-    ("chat_sft/lima/lima.json", _lima),
+    ("chat_sft/lima/lima.json", _instruct),
     ("chat_sft/gpteacher/roleplay-simple-deduped-roleplay-instruct.json", lambda p: _instruct(p, "response")),
     ("chat_sft/gpteacher/codegen-instruct.json", lambda p: _instruct(p, "response")),
-    ("chat_sft/llamafactory_demo/alpaca_en_demo.json", lambda p: _instruct(p, "output")),
-]
-
-
-def is_test(conversation):
-    first_user = next(m["content"] for m in conversation["messages"] if m["role"] == "user")
-    return hashlib.sha1(first_user.encode("utf-8")).digest()[0] < 13  # 13/256 = 5.1%
+    ("chat_sft/llamafactory_demo/alpaca_en_demo.json", _instruct)]
 
 
 @functools.lru_cache(maxsize=1)
@@ -94,7 +80,9 @@ def load_local_standin():
         for turns in parse(path):
             conversation = normalise(turns)
             if conversation is not None:
-                splits["test" if is_test(conversation) else "train"].append(conversation)
+                first_user = next(m["content"] for m in conversation["messages"] if m["role"] == "user")
+                test = hashlib.sha1(first_user.encode("utf-8")).digest()[0] < 13  # 13/256 = 5.1%
+                splits["test" if test else "train"].append(conversation)
     return {k: shuffled(v) for k, v in splits.items()}
 
 
@@ -117,21 +105,18 @@ class SmolTalk(Task):
         return {"messages": [{"role": m["role"], "content": m["content"]} for m in messages]}
 
 
-def as_text(conversation):
-    """A conversation as plain prose, one paragraph per message under its speaker's name (no special
-    tokens: base pretraining sees documents, not the chat format)."""
-    return "\n\n".join(f"{m['role'].capitalize()}: {m['content'].strip()}" for m in conversation["messages"])
-
-
 def write_text(path, split="train"):
-    """Write SmolTalk `split` to `path` as .jsonl rows {"text": as_text(conversation)}; returns the row
-    count. Written to a .partial file first, so an interrupted run leaves no half file to import."""
+    """Write SmolTalk `split` to `path` as .jsonl rows {"text": ...}, each conversation as plain prose, one
+    paragraph per message under its speaker's name (no special tokens: base pretraining sees documents, not
+    the chat format); returns the row count. Written to a .partial file first, so an interrupted run leaves
+    no half file to import."""
     task = SmolTalk(split)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     partial = path + ".partial"
     with open(partial, "w", encoding="utf-8") as f:
         for conversation in task:
-            f.write(json.dumps({"text": as_text(conversation)}, ensure_ascii=False) + "\n")
+            text = "\n\n".join(f"{m['role'].capitalize()}: {m['content'].strip()}" for m in conversation["messages"])
+            f.write(json.dumps({"text": text}, ensure_ascii=False) + "\n")
     os.replace(partial, path)
     return len(task)
 

@@ -26,8 +26,7 @@ TEST_WORD_FRACTION = 0.1  # of the word list held out for the test split
 SPELL_TEMPLATES = [
     "Spell the word: {word}", "Spell {word}", "How do you spell {word}?", "Can you spell {word} letter by letter?",
     "Spell out the word {word} for me.", "What are the letters in {word}?", "Deletrea la palabra {word}",
-    "Épelle le mot {word}", "Buchstabiere das Wort {word}",
-]
+    "Épelle le mot {word}", "Buchstabiere das Wort {word}"]
 
 COUNT_TEMPLATES = [
     "How many {letter} are in {word}?", "How many {letter}s are in the word {word}?",
@@ -37,8 +36,7 @@ COUNT_TEMPLATES = [
     "Number of {letter} in {word}?", "Tell me how many {letter} letters {word} has.",
     "Does {word} have a lot of {letter}? How many exactly?", "¿Cuántas {letter} hay en {word}?",
     "Combien de {letter} y a-t-il dans {word} ?", "Wie viele {letter} sind in {word}?",
-    "{word}에 {letter}가 몇 개 있나요?", "{word}里有几个{letter}?", "{word}に{letter}はいくつありますか?",
-]
+    "{word}에 {letter}가 몇 개 있나요?", "{word}里有几个{letter}?", "{word}に{letter}はいくつありますか?"]
 
 
 @functools.lru_cache(maxsize=1)
@@ -59,8 +57,7 @@ def load_words():
 @functools.lru_cache(maxsize=2)
 def split_words(split):
     """The words of a split, by a stable hash (crc32: Python's hash() changes every run)."""
-    want_test = split == "test"
-    return [w for w in load_words() if (zlib.crc32(w.encode()) % 1000 < TEST_WORD_FRACTION * 1000) == want_test]
+    return [w for w in load_words() if (zlib.crc32(w.encode()) % 1000 < TEST_WORD_FRACTION * 1000) == (split == "test")]
 
 
 def spelled(word):
