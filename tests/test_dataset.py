@@ -17,7 +17,7 @@ from nanochat import dataset
 from nanochat.common import run_cli
 from nanochat.dataset import (DataError, documents_from_file, download_shards, import_local, list_parquet_files,
                               open_shard, parquets_iter_batched, read_row_group, split_text)
-from tests.httpserver import Fault, LocalHTTPServer, Route, http_server  # noqa: F401 (fixture)
+from tests.httpserver import Fault, LocalHTTPServer, Route
 
 
 def real_files(shared_data):
