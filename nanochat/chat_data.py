@@ -5,14 +5,6 @@ Batches of conversations for midtraining, SFT and RL, rendered through tokenizer
 <|assistant_start|>, tool output, padding). Two batchers, one interface: next_step() -> (this rank's
 micro-batches, its stats), state_dict(), resume_state=. State is indices and counters, never tokens, so
 a state saved by N ranks resumes on M (buffered conversations are re-rendered, deterministically).
-
-PackedBatcher (midtraining): rows of T+1 tokens, BOS-aligned best fit (each row takes the largest
-  buffered conversation that still fits, then pads). A conversation is never cropped to fill a row
-  (that would train on replies cut mid-way); only one longer than a row is truncated, and counted. As
-  in dataloader.py, stream j of the R rows per step takes conversations j, j+R, ..., so the global batch
-  does not depend on the number of ranks.
-PaddedBatcher (SFT): one conversation per row, padded to the micro-batch's longest row (or to T+1 for a
-  fixed shape under torch.compile); step s takes conversations [s*R, (s+1)*R), split across ranks.
 """
 
 import torch
@@ -118,7 +110,10 @@ class _Batcher:
 
 
 class PackedBatcher(_Batcher):
-    """Midtraining: best-fit packing, BOS-aligned, padded instead of cropped; (B, T) micro-batches."""
+    """Midtraining: rows of T+1 tokens, BOS-aligned best fit (each row takes the largest buffered conversation
+    that still fits, then pads). A conversation is never cropped to fill a row (that would train on replies cut
+    mid-way); only one longer than a row is truncated, and counted. As in dataloader.py, stream j of the R rows
+    per step takes conversations j, j+R, ..., so the global batch does not depend on the number of ranks."""
     kind, fixed_length = "packed", True
 
     def __init__(self, dataset, tokenizer, B, T, rows_per_step=None, rank=0, world_size=1, device="cpu",
@@ -171,8 +166,9 @@ class PackedBatcher(_Batcher):
 
 
 class PaddedBatcher(_Batcher):
-    """SFT: one conversation per row of at most T+1 tokens (longer ones truncated, see render_row, and
-    counted); inputs as wide as the micro-batch's longest row minus one, or T with fixed_length=True."""
+    """SFT: one conversation per row of at most T+1 tokens (longer ones truncated, see render_row, and counted),
+    padded to the micro-batch's longest row, or to T+1 with fixed_length=True (one shape for torch.compile);
+    step s takes conversations [s*R, (s+1)*R), split across ranks."""
     kind = "padded"
 
     def __init__(self, dataset, tokenizer, B, T, rows_per_step=None, rank=0, world_size=1, device="cpu",

@@ -1,19 +1,17 @@
 """
-The DCLM CORE metric: 22 in-context-learning tasks scored from a base model's next-token losses,
-each reported as accuracy and as centered accuracy (acc - b) / (1 - b), b = random baseline / 100 (0 is
-chance, 1 perfect); CORE = the mean centered accuracy. The "eval bundle" (as published with DCLM):
-core.yaml (the tasks), eval_meta_data.csv (baselines) and eval_data/<category>/<file>.jsonl; tasks
-whose data file is missing are left out of CORE by name.
+The DCLM CORE metric: 22 in-context-learning tasks scored from a base model's next-token losses, each reported as
+accuracy and as centered accuracy (acc - b) / (1 - b), b = random baseline / 100 (0 is chance, 1 perfect); CORE =
+the mean centered accuracy. The "eval bundle" (as published with DCLM): core.yaml (the tasks), eval_meta_data.csv
+(baselines) and eval_data/<category>/<file>.jsonl; tasks whose data file is missing are left out of CORE by name.
 
 Task types (few-shot examples from the rest of the task, blank-line separated, BOS prepended):
     multiple_choice   a prompt per choice (query + delim + choice), scored after the prefix all share
-    schema            a prompt per context option (option + delim + continuation), scored on the
-                      suffix all share
+    schema            a prompt per context option (option + delim + continuation), scored on the suffix all share
     language_modeling context + delim + continuation; correct iff greedy decoding gives the continuation
-multiple_choice and schema pick the option with the lowest mean loss. The tokens all options share run
-once into a KV cache the remainders attend to, and only positions that predict a scored token reach
-the vocabulary: one forward per prompt's arithmetic, several times cheaper for 10-shot prompts. An item
-longer than the context loses the same number of tokens from the left of every prompt.
+multiple_choice and schema pick the option with the lowest mean loss. The tokens all options share run once into a
+KV cache the remainders attend to, and only positions that predict a scored token reach the vocabulary: one forward
+per prompt's arithmetic, several times cheaper for 10-shot prompts. An item longer than the context loses the same
+number of tokens from the left of every prompt.
 """
 
 import os
@@ -58,15 +56,6 @@ class CoreTask:
     path: str | None = None  # the data file, None when it is missing
 
 
-def read_baselines(csv_path):
-    """{task label: random baseline in percent} from eval_meta_data.csv."""
-    with open(csv_path, newline="", encoding="utf-8") as f:
-        rows = list(csv.DictReader(f))
-    if not rows or "Eval Task" not in rows[0] or "Random baseline" not in rows[0]:
-        raise ValueError(f"{csv_path} lacks the columns 'Eval Task' and 'Random baseline'")
-    return {r["Eval Task"].strip(): float(r["Random baseline"]) for r in rows}
-
-
 def converted_dir():
     """Where converted task files go when the bundle itself is read-only (e.g. a shared data folder)."""
     return os.path.join(get_base_dir(), "eval_bundle_converted")
@@ -86,7 +75,12 @@ def load_tasks(bundle_dir):
         spec = yaml.safe_load(f)
     if not isinstance(spec, dict) or not isinstance(spec.get("icl_tasks"), list):
         raise ValueError(f"{yaml_path} has no 'icl_tasks' list")
-    baselines = read_baselines(os.path.join(bundle_dir, "eval_meta_data.csv"))
+    csv_path = os.path.join(bundle_dir, "eval_meta_data.csv")  # random baselines in percent
+    with open(csv_path, newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    if not rows or "Eval Task" not in rows[0] or "Random baseline" not in rows[0]:
+        raise ValueError(f"{csv_path} lacks the columns 'Eval Task' and 'Random baseline'")
+    baselines = {r["Eval Task"].strip(): float(r["Random baseline"]) for r in rows}
     tasks = []
     for t in spec["icl_tasks"]:
         label, shots = t["label"], t["num_fewshot"]
@@ -357,8 +351,7 @@ def write_results_csv(path, summary):
     """The per-task table (Task, Accuracy, Centered, and a final CORE row), padded like DCLM's."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     lines = [f"{'Task':<35}, {'Accuracy':<10}, {'Centered':<10}"]
-    for label, c in summary["centered"].items():
-        lines.append(f"{label:<35}, {summary['accuracy'][label]:<10.6f}, {c:<10.6f}")
+    lines += [f"{t:<35}, {summary['accuracy'][t]:<10.6f}, {c:<10.6f}" for t, c in summary["centered"].items()]
     lines.append(f"{'CORE':<35}, {'':<10}, {summary['core']:<10.6f}")
     atomic_write_bytes(path, ("\n".join(lines) + "\n").encode("utf-8"))
     return path

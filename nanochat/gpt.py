@@ -85,8 +85,7 @@ class Linear(nn.Linear):
 def apply_rotary(x, cos, sin):
     # Half-split pairing: dimension i rotates with i + D/2. This orientation (x1*cos + x2*sin,
     # x2*cos - x1*sin) is the one transformers' built-in "nanochat" model uses, so exports match.
-    d = x.shape[-1] // 2
-    x1, x2 = x[..., :d], x[..., d:]
+    x1, x2 = x.chunk(2, dim=-1)
     return torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin], dim=-1)
 
 
@@ -192,10 +191,9 @@ _compile = functools.cache(torch.compile)  # one compiled wrapper per (kernel, d
 
 
 def _kernel(fn, compiled, dynamic=False):
-    """fn under torch.compile, or fn itself. The training kernel is static: its chunks have one fixed
-    shape. The loss-only kernel sees the ragged last chunk of every differently padded validation batch,
-    so it passes dynamic=None: after the first size change it recompiles once with a symbolic row count,
-    instead of once per size until dynamo's recompile limit sends it to eager."""
+    """fn under torch.compile, or fn itself. The training kernel's chunks have one fixed shape; the loss-only
+    kernel sees every validation batch's ragged last chunk, so it passes dynamic=None: it recompiles once with a
+    symbolic row count rather than once per size until dynamo's recompile limit sends it to eager."""
     return _compile(fn, dynamic=dynamic) if compiled else fn
 
 
@@ -278,11 +276,9 @@ class GPT(nn.Module):
             for lin in (block.attn.c_q, block.attn.c_k, block.attn.c_v):
                 nn.init.uniform_(lin.weight, -s, s)
             nn.init.uniform_(block.mlp.c_fc.weight, -0.5 * s, 0.5 * s)
-            # Zero output projections: each block starts as the identity on the residual stream.
-            nn.init.zeros_(block.attn.c_proj.weight)
-            nn.init.zeros_(block.mlp.c_proj.weight)
-            if block.attn.ve_gate is not None:
-                nn.init.zeros_(block.attn.ve_gate.weight)
+            # Zero output projections (each block starts as the identity on the residual stream) and ve gates.
+            for lin in filter(None, (block.attn.c_proj, block.mlp.c_proj, block.attn.ve_gate)):
+                nn.init.zeros_(lin.weight)
         for emb in self.value_embeds.values():
             nn.init.uniform_(emb.weight, -s, s)
         if cfg.resid_scalars:
@@ -320,8 +316,7 @@ class GPT(nn.Module):
         return norm(x, cfg.norm_eps)
 
     def forward(self, idx, targets=None, kv_cache=None, loss_reduction="mean", loss_weights=None):
-        """Without targets: fp32 softcapped logits (B, T, V). With targets: the loss (reductions as in
-        linear_cross_entropy), never materialising the full logits."""
+        """Without targets: fp32 softcapped logits (B, T, V); with targets: the loss, as linear_cross_entropy."""
         use_compiled = self._compiled_trunk is not None and self.training and kv_cache is None
         x = (self._compiled_trunk if use_compiled else self.trunk)(idx, kv_cache)
         if targets is None:
@@ -337,8 +332,7 @@ class GPT(nn.Module):
         return c * torch.tanh(logits / c) if c > 0 else logits
 
     def compile_for_training(self):
-        """torch.compile the trunk and loss kernels for training (fixed shapes); eval and sampling
-        (model.eval(), varying shapes, KV cache) keep the eager trunk."""
+        """torch.compile the trunk and loss kernels for training (fixed shapes); eval and sampling keep eager."""
         self._compiled_trunk = torch.compile(self.trunk, dynamic=False)
         self.compiled = True
         return self
@@ -385,9 +379,8 @@ class GPT(nn.Module):
         return {**c, "scaling": c["transformer_matrices"] + c["lm_head"]}
 
     def flops_per_token(self, seq_len=None):
-        """Training FLOPs per token: 6 per matmul weight (fwd + bwd) plus attention scores and
-        values, 12 * H * D * (context attended) per layer (6 * 2 matmuls), with the window capping
-        the context. Counts full (not causal-halved) attention, as is customary for MFU."""
+        """Training FLOPs per token: 6 per matmul weight (fwd + bwd), plus per layer 12 * H * D * (context attended,
+        capped by the window) for attention scores and values; full (not causal-halved) attention, as for MFU."""
         T, cfg = seq_len or self.config.sequence_len, self.config
         return 6 * self.matmul_params() + sum(12 * cfg.n_head * cfg.head_dim * min(w or T, T) for w in self.windows)
 
@@ -411,8 +404,7 @@ class GPT(nn.Module):
 def build_model(config: GPTConfig, device, compute_dtype=torch.float32):
     """Construct on the meta device, materialise on `device`, initialise. Master weights fp32."""
     with torch.device("meta"):
-        model = GPT(config)
-    model.to_empty(device=device)
+        model = GPT(config).to_empty(device=device)
     model.init_weights()
     model.compute_dtype = compute_dtype
     return model

@@ -7,23 +7,13 @@ model card whose metrics come only from the report/*.json files about this check
 import os
 import shutil
 
-from nanochat.common import atomic_write_bytes, atomic_write_json, get_base_dir
+from nanochat.common import atomic_write_bytes, atomic_write_json, report_dir
 from nanochat.gpt import GPTConfig
 from nanochat.checkpoint import resolve_checkpoint
+from nanochat.report import fmt_value, load_summaries
 from nanochat.hf_convert import (EXT_MODELING_FILE, EXT_TYPE, META_FILE, WEIGHTS_FILE, ExportError, read_json,
                                  builtin_missing_features, choose_model_type, hf_config, hf_name, special_ids,
                                  write_tokenizer)
-
-
-def _read_reports():
-    report_dir, reports = os.path.join(get_base_dir(), "report"), {}
-    for name in sorted(os.listdir(report_dir)) if os.path.isdir(report_dir) else []:
-        if name.endswith(".json"):
-            try:
-                reports[name[:-5]] = read_json(os.path.join(report_dir, name))
-            except ExportError:
-                pass  # a report being rewritten or damaged: the card just leaves it out
-    return reports
 
 
 def checkpoint_lineage(source, model_tag, step, meta):
@@ -48,10 +38,6 @@ _METRICS = {"base_train": [("pretraining tokens", "tokens"), ("validation bits p
                           ("validation bits per byte", "val_bpb")]}
 
 
-def _fmt(x):
-    return f"{x:.4f}" if isinstance(x, float) else f"{x:,}" if isinstance(x, int) else str(x)
-
-
 def _metric_rows(reports, lineage):
     """Markdown rows from the reports whose (stage, model_tag, step) is in the lineage; the names of the others."""
     rows, skipped = [], []
@@ -71,7 +57,7 @@ def _metric_rows(reports, lineage):
             found = [(label, r.get(key)) for label, key in
                      _METRICS.get(name, [(f"{name} tokens", "tokens"), (f"{name} validation loss", "val_loss")])]
         where = f"report/{name}.json ({stage} {r.get('model_tag')} step {r.get('step')})"
-        rows += [f"| {label} | {_fmt(v)} | {where} |" for label, v in found if v is not None]
+        rows += [f"| {label} | {fmt_value(v)} | {where} |" for label, v in found if v is not None]
     return rows, skipped
 
 
@@ -80,8 +66,7 @@ _STAGES = {"base": "pretraining", "mid": "pretraining and midtraining", "sft": "
 
 
 def model_card(info, reports, verification=None):
-    """README.md: what the model is, how to load it, its metrics (each row naming its report, tag and step) and
-    the verification figures."""
+    """README.md: the model, how to load it, its metrics (each naming its report, tag and step), its verification."""
     cfg, params, custom = GPTConfig(**info["model_config"]), info["num_params"], info["model_type"] == EXT_TYPE
     trust, missing = (", trust_remote_code=True" if custom else ""), builtin_missing_features(cfg)
     stage, tag, step = info.get("source"), info.get("model_tag"), info.get("step")
@@ -173,7 +158,7 @@ def record_verification(out_dir, info, verification):
     """Store the verification figures (None: not yet verified) in nanochat_export.json and the model card."""
     info = {**info, "verification": verification}
     atomic_write_json(os.path.join(out_dir, META_FILE), {k: v for k, v in info.items() if k != "reports"})
-    reports = _read_reports()
+    reports = load_summaries(report_dir())[0]  # unreadable ones (being rewritten, damaged) are left out
     info["reports"] = sorted(reports)
     atomic_write_bytes(os.path.join(out_dir, "README.md"), model_card(info, reports, verification).encode("utf-8"))
     return info

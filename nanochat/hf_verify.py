@@ -98,8 +98,7 @@ def _greedy_hf(hf, prompt, n, stop=True):
     config = GenerationConfig(do_sample=False, max_new_tokens=n, bos_token_id=gc.bos_token_id,
                               pad_token_id=gc.pad_token_id, eos_token_id=gc.eos_token_id if stop else [])
     ids = torch.tensor([prompt], dtype=torch.long)
-    with torch.no_grad():
-        out = hf.generate(ids, attention_mask=torch.ones_like(ids), generation_config=config)
+    out = hf.generate(ids, attention_mask=torch.ones_like(ids), generation_config=config)  # generate is no_grad
     return out[0, len(prompt):].tolist()
 
 
@@ -164,8 +163,7 @@ def verify_export(out_dir, model, tokenizer, texts=None, atol=LOGIT_ATOL, greedy
 
         # logits on >= 8 prompts, fp32, one of them longer than the widest sliding window
         cfg = model.config
-        windows = [w for w in window_sizes(cfg) if w]
-        long_len = min(cfg.sequence_len, (max(windows) + 40) if windows else 160)
+        long_len = min(cfg.sequence_len, max((w + 40 for w in window_sizes(cfg) if w), default=160))
         prompts = verification_prompts(tokenizer, texts, cfg.sequence_len, long_len=long_len)
         max_diff, positions = 0.0, 0
         with torch.no_grad():

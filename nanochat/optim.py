@@ -72,8 +72,7 @@ class MuonAdamW(torch.optim.Optimizer):
         super().__init__(param_groups, {})
         if ortho not in ("polar", "ns"):
             raise ValueError(f"ortho must be 'polar' or 'ns', got {ortho!r}")
-        self.rank, self.world_size = rank, world_size
-        self.ortho, self.ortho_dtype = ortho, ortho_dtype
+        self.rank, self.world_size, self.ortho, self.ortho_dtype = rank, world_size, ortho, ortho_dtype
 
     def _adamw_sharded(self, p):
         return self.world_size > 1 and p.numel() >= 1024 and p.size(0) % self.world_size == 0

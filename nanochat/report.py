@@ -23,14 +23,10 @@ import itertools
 from nanochat.common import report_dir, git_info, run_cli, write_report_json, atomic_write_bytes
 
 # Known stages in pipeline order, with their section titles.
-STAGES = {
-    "tok_train": "Tokenizer training", "tok_eval": "Tokenizer evaluation",
-    "base_train": "Base model training", "base_eval": "Base model evaluation",
-    "chat_eval_base": "Chat evaluation (base)",
-    "mid_train": "Midtraining", "chat_eval_mid": "Chat evaluation (mid)",
-    "chat_sft": "Chat SFT", "chat_eval_sft": "Chat evaluation (sft)",
-    "chat_rl": "Chat RL", "chat_eval_rl": "Chat evaluation (rl)",
-}
+STAGES = {"tok_train": "Tokenizer training", "tok_eval": "Tokenizer evaluation", "base_train": "Base model training",
+          "base_eval": "Base model evaluation", "chat_eval_base": "Chat evaluation (base)", "mid_train": "Midtraining",
+          "chat_eval_mid": "Chat evaluation (mid)", "chat_sft": "Chat SFT", "chat_eval_sft": "Chat evaluation (sft)",
+          "chat_rl": "Chat RL", "chat_eval_rl": "Chat evaluation (rl)"}
 # Stages a complete run has; the others (base/mid chat evals, midtraining, RL) are optional.
 REQUIRED = ("tok_train", "tok_eval", "base_train", "base_eval", "chat_sft", "chat_eval_sft")
 COLUMNS = (("BASE", "base"), ("MID", "mid"), ("SFT", "sft"), ("RL", "rl"))
@@ -41,22 +37,18 @@ SPECIAL_KEYS = {"stage", "timestamp", "git", "command", "args", "losses", "val_b
                 "core_seconds", "system"}
 
 
-def cpu_model():
-    try:
-        with open("/proc/cpuinfo") as f:
-            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
-    except OSError:
-        names = []
-    return names[0] if names else platform.processor() or platform.machine()
-
-
 def system_info():
     """What the run ran on: CPU, cores, RAM, GPUs, software versions, git commit and dirty flag."""
     import torch
     import psutil
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+    except OSError:
+        cpu = []
     gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
     vram = sum(torch.cuda.get_device_properties(i).total_memory for i in range(len(gpus))) / 2**30 if gpus else 0.0
-    return {"platform": platform.platform(), "cpu": cpu_model(),
+    return {"platform": platform.platform(), "cpu": cpu[0] if cpu else platform.processor() or platform.machine(),
             "cpu_cores_physical": psutil.cpu_count(logical=False), "cpu_cores_logical": psutil.cpu_count(logical=True),
             "ram_gb": round(psutil.virtual_memory().total / 2**30, 1),
             "gpu_count": len(gpus), "gpus": gpus, "gpu_memory_gb": round(vram, 1),
