@@ -11,11 +11,7 @@ from nanochat.tokenizer import Tokenizer
 from tasks.common import Task
 
 
-def ListTask(items):
-    """The conversations `items` as a Task, the kind of dataset the batchers get in training."""
-    task = Task()
-    task.rows = items
-    return task
+from tests.conftest import list_task as ListTask
 
 
 @pytest.fixture(scope="module")
