@@ -1,14 +1,10 @@
 """
-The conversation-training stage that midtraining (scripts/mid_train.py: packed rows) and SFT
-(scripts/chat_sft.py: one conversation per row, padded) both run; they differ only in batching, mixture
-and defaults (STAGES). Loss on the assistant's tokens only.
-
-Settings not given are inherited from the parent checkpoint's meta (sequence length, device and total
-batch size, learning rates); the learning rates, which mean the LR at a 2^19-token batch in every stage,
-are scaled to this run's batch with scaling.batch_lr_scale and multiplied by --init-lr-frac. Loss
-normalisation: each micro-batch's summed cross-entropy is divided by the number of assistant targets in
-the whole optimizer step (all micro-batches, all ranks), so a micro-batch with few assistant tokens is
-not over-weighted, and one with none contributes exactly zero loss and zero gradient (never NaN).
+The conversation-training stage that midtraining (packed rows) and SFT (one conversation per row, padded)
+both run; they differ only in batching, mixture and defaults (STAGES). Loss on the assistant's tokens only.
+Unset batch and LR settings are inherited from the parent checkpoint; LRs (the LR at a 2^19-token batch,
+as in every stage) are scaled by batch_lr_scale of this run's batch and by --init-lr-frac. Each
+micro-batch's summed cross-entropy is divided by the assistant targets of the whole step (all micro-batches,
+all ranks): a micro-batch with few of them is not over-weighted, one with none adds exactly zero (never NaN).
 """
 
 import time

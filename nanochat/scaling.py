@@ -47,13 +47,10 @@ def add_lr_flags(g, default=True, note=""):
 
 
 def check_model_flags(p, args):
-    problems = []
-    if args.depth < 1:
-        problems.append(f"--depth {args.depth}: must be >= 1")
-    if args.max_seq_len < 8:
-        problems.append(f"--max-seq-len {args.max_seq_len}: must be >= 8")
-    if args.head_dim < 2 or args.head_dim % 2:
-        problems.append(f"--head-dim {args.head_dim}: must be an even number >= 2")
+    problems = [msg for bad, msg in [(args.depth < 1, f"--depth {args.depth}: must be >= 1"),
+                                     (args.max_seq_len < 8, f"--max-seq-len {args.max_seq_len}: must be >= 8"),
+                                     (args.head_dim < 2 or args.head_dim % 2,
+                                      f"--head-dim {args.head_dim}: must be an even number >= 2")] if bad]
     if problems:
         p.error("; ".join(problems))
 

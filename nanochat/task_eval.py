@@ -13,6 +13,7 @@ and the counts summed.
 
 import torch
 import torch.distributed as dist
+from torch.nn.utils.rnn import pad_sequence
 
 from tasks.arc import ARC
 from tasks.mmlu import MMLU
@@ -72,10 +73,7 @@ def run_categorical(task, model, tokenizer, rt, batch_size, num_problems, progre
         convs = [task[i] for i in mine[b0:b0 + batch_size]]
         # Long prompts keep their end: the answer is read at the last position.
         prompts = [tokenizer.render_for_completion(c)[-T:] for c in convs]
-        width = max(len(p) for p in prompts)
-        ids = torch.full((len(prompts), width), bos, dtype=torch.long)
-        for r, p in enumerate(prompts):
-            ids[r, :len(p)] = torch.tensor(p, dtype=torch.long)
+        ids = pad_sequence([torch.tensor(p) for p in prompts], batch_first=True, padding_value=bos)
         logits = model(ids.to(rt.device))
         for r, (conv, p) in enumerate(zip(convs, prompts)):
             allowed = letter_token_ids(tokenizer, conv["letters"], cache)
@@ -92,11 +90,7 @@ def completion_text(tokenizer, tokens):
     """Decode a generated reply, stopping at the first <|assistant_end|> or <|bos|> if the engine
     left one in."""
     stops = {tokenizer.get_bos_token_id(), tokenizer.encode_special("<|assistant_end|>")}
-    for k, t in enumerate(tokens):
-        if t in stops:
-            tokens = tokens[:k]
-            break
-    return tokenizer.decode(tokens)
+    return tokenizer.decode(tokens[:next((k for k, t in enumerate(tokens) if t in stops), len(tokens))])
 
 
 def run_generative(task, engine, tokenizer, rt, args, num_problems, progress=True, desc=""):
@@ -145,6 +139,5 @@ def turn_end_rate(engine, tokenizer, rt, prompts, max_new_tokens=None, temperatu
 
 def chatcore(results):
     """Mean centered accuracy over all six tasks, or None if any is missing."""
-    if any(name not in results for name in TASKS):
-        return None
-    return sum(results[name]["centered"] for name in TASKS) / len(TASKS)
+    missing = any(name not in results for name in TASKS)
+    return None if missing else sum(results[name]["centered"] for name in TASKS) / len(TASKS)

@@ -23,7 +23,7 @@ from nanochat.gpt import build_model
 from nanochat.attention import fa3_available
 from nanochat.scaling import (add_model_flags, add_lr_flags, check_model_flags, config_from_args, derive_plan,
                               describe_plan, micro_steps, estimate_memory, warn_memory, device_memory, dry_run)
-from nanochat.training import (lr_multiplier, muon_momentum, add_run_flags, set_schedule, check_loss, resume_latest,
+from nanochat.training import (all_reduce_sum, lr_multiplier, muon_momentum, add_run_flags, set_schedule, check_loss, resume_latest,
                                save, run_loop, finish, close, print_samples, TrainingError, begin, build_optimizer,
                                compile_model)
 from nanochat.checkpoint import stage_dir
@@ -134,11 +134,10 @@ def main(argv=None):
     peak, peak_reason = get_peak_flops(rt.device_type, rt.dtype)
     print0(f"MFU reference: {peak_reason}")
     wandb = init_wandb(args.run, "nanochat", {**vars(args), **{k: v for k, v in plan.items() if k != 'num_params'}})
-    extra_meta = {"total_batch_size": B, "num_iterations": N}
     state_bytes = None
 
     def save_step(step):
-        save(ckpt_dir, step, extra_meta, model, optimizer, rt, tokenizer, loop, args, loader.state_dict())
+        save(ckpt_dir, step, {"total_batch_size": B, "num_iterations": N}, model, optimizer, rt, tokenizer, loop, args, loader.state_dict())
 
     def evaluate(step, last):
         if last or (args.eval_every > 0 and step % args.eval_every == 0):
@@ -168,11 +167,8 @@ def main(argv=None):
             loss_sum += loss.detach()
         optimizer.step()
         model.zero_grad(set_to_none=True)
-        train_loss = loss_sum / grad_accum
-        if rt.ddp:
-            dist.all_reduce(train_loss)
-            train_loss /= rt.world_size
-        train_loss = train_loss.item()  # also synchronises the device, so dt is honest
+        # .item() also synchronises the device, so dt is honest
+        train_loss = all_reduce_sum(loss_sum / grad_accum, rt).item() / rt.world_size
         check_loss(train_loss, step)
         dt = time.time() - t0
         if step >= 10:  # the first steps include compilation and warm-up (leaderboard convention)

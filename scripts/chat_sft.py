@@ -12,16 +12,9 @@ steps as python tool calls), a SmolTalk slice, Identity, SpellingBee, plus any -
 validation on the held-out splits of the same sources. The loop, shared with mid_train, is
 nanochat/finetune.py: unset settings are inherited from the parent checkpoint.
 
-A conversation longer than a row is cut after its last whole assistant turn that fits; one whose first
-reply alone is too long is cut inside it (both counted). --overlong=drop leaves the latter out, which a
-short-context model needs: a reply cut inside never shows its end, and many of them teach the model to
-talk until the context is full. --smoltalk-max-tokens does the same to the chat data alone at a shorter
-length: a small model learns how long its chat replies are from SFT, while the tool-use tasks (a
-SpellingBee count is ~150 tokens) need the longer row.
-
---chat-eval-examples N: greedy replies before and after training, through the Engine: the share of N
-held-out chat prompts whose reply ends with <|assistant_end|>, and SpellingBee letter counts on N
-held-out words. Writes chatsft_checkpoints/<tag>/ and report/chat_sft.json.
+A conversation longer than a row is cut after its last whole assistant turn that fits (counted); see
+--overlong and --smoltalk-max-tokens for short-context models. Writes chatsft_checkpoints/<tag>/ and
+report/chat_sft.json.
 """
 
 from nanochat.common import run_cli
