@@ -15,16 +15,7 @@ from nanochat.common import UserError
 from tests.httpserver import LocalHTTPServer, Route
 
 
-class ListTask(Task):
-    def __init__(self, items, **kwargs):
-        super().__init__(**kwargs)
-        self.items = items
-
-    def num_examples(self):
-        return len(self.items)
-
-    def get_example(self, index):
-        return self.items[index]
+from tests.conftest import list_task as ListTask
 
 
 @pytest.fixture
