@@ -8,7 +8,6 @@ import pytest
 
 from nanochat.chat_data import PackedBatcher, PaddedBatcher, rows_to_batch, render_row, drop_overlong
 from nanochat.tokenizer import Tokenizer
-from tasks.common import Task
 
 
 from tests.conftest import list_task as ListTask

@@ -22,7 +22,6 @@ import torch
 import uvicorn
 from hypothesis import given, settings, strategies as st
 
-from nanochat.tokenizer import Tokenizer
 from nanochat.common import UserError
 from nanochat.engine import Engine, TextStream, render_prompt
 from scripts import chat_web

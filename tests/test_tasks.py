@@ -9,7 +9,7 @@ import collections
 
 import pytest
 
-from tasks.common import (Task, TaskMixture, TaskSequence, render_mc, validate_conversation, extract_answer,
+from tasks.common import (TaskMixture, TaskSequence, render_mc, validate_conversation, extract_answer,
                           load_hub_parquet, read_jsonl, DataUnavailableError)
 from nanochat.common import UserError
 from tests.httpserver import LocalHTTPServer, Route

@@ -14,7 +14,7 @@ import tiktoken.load
 from hypothesis import given, settings, HealthCheck, strategies as st
 
 from nanochat.tokenizer import (Tokenizer, TokenizerError, SPECIAL_TOKENS, SPLIT_PATTERN, MIN_VOCAB_SIZE,
-                                STOCK_ENCODINGS, get_tokenizer, get_tokenizer_dir, get_token_bytes, read_tiktoken_file)
+                                STOCK_ENCODINGS, get_tokenizer, get_tokenizer_dir, get_token_bytes)
 
 N_MERGES = 300
 VOCAB = 256 + len(SPECIAL_TOKENS) + N_MERGES
