@@ -31,14 +31,14 @@ class TrainingError(UserError, RuntimeError):
 
 
 def add_run_flags(g, save_every=-1, compile_flag=True):
-    """The flags of one invocation that every stage has: checkpoints, resume, logging, device."""
+    """The flags of one invocation that every stage has: checkpoints, logging, device, compile."""
     g.add_argument("--save-every", type=int, default=save_every, help=f"steps between checkpoints (-1 = only at the end) (default {save_every})")
     g.add_argument("--keep-checkpoints", type=int, default=2, help="keep this many most recent checkpoints (0 = keep all)")
     g.add_argument("--max-steps-this-run", type=int, default=-1, help="stop (with a checkpoint) after this many steps in this invocation; the schedule still targets the full horizon (for testing resume)")
     g.add_argument("--run", type=str, default="dummy", help="wandb run name; 'dummy' (default) disables wandb")
     g.add_argument("--device-type", type=str, default="", help="cuda, mps or cpu (default: autodetect)")
     if compile_flag:
-        g.add_argument("--compile", choices=["auto", "on", "off"], default="auto", help="torch.compile the model: auto = on for CUDA and for CPUs with a C++ compiler")
+        g.add_argument("--compile", choices=["auto", "on", "off"], default="auto", help="torch.compile the model: auto = on for CUDA and for CPUs with a C++ compiler (SFT rows are then padded to one length)")
 
 
 def add_start_flags(g, sources, resume_help):
