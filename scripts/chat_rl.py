@@ -121,7 +121,8 @@ def main(argv=None):
     rt, tokenizer, t_start = begin(args)
     if args.examples_per_step % rt.world_size:
         raise UserError(f"--examples-per-step {args.examples_per_step} must be a multiple of the world size {rt.world_size}")
-    start = start_finetune("rl", args, tokenizer, rt, need_loader=False)
+    # RL starts with fresh optimizer moments, as before this stage shared the start-up code
+    start = start_finetune("rl", args, tokenizer, rt, load_optimizer=False, need_loader=False)
     args, model, meta, parent, ckpt_dir = start.args, start.model, start.meta, start.parent, start.ckpt_dir
     config = model.config
     if not args.resume:  # LRs at the reference batch, trained at the starting checkpoint's batch scale

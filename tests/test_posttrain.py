@@ -179,7 +179,7 @@ def test_turn_end_rate_counts_replies_that_end_with_assistant_end():
 # The scripts end to end
 
 
-def test_mid_then_sft_then_rl(chat_env, monkeypatch):
+def test_mid_then_sft_then_rl(chat_env, monkeypatch, capsys):
     from scripts import mid_train, chat_sft, chat_rl
     from nanochat.checkpoint import load_model
     mid_train.main([*SMALL, "--num-iterations=3"])
@@ -212,7 +212,9 @@ def test_mid_then_sft_then_rl(chat_env, monkeypatch):
     # that gives non-zero advantages and real updates (the real grading is tested in test_tasks).
     from tasks.spellingbee import SpellingBee
     monkeypatch.setattr(SpellingBee, "reward", lambda self, conversation, completion: float(len(completion) % 2))
+    capsys.readouterr()
     chat_rl.main([*RL[1:], "--num-iterations=2"])  # default source: sft
+    assert "Optimizer moments" not in capsys.readouterr().out  # RL starts with fresh moments, SFT's are not reused
     r = read_report(chat_env, "chat_rl")
     assert r["parent"]["source"] == "sft" and r["step"] == 2 and len(r["rewards"]) == 2
     assert r["pass1_before"] is not None and r["pass1_after"] is not None and r["skipped_steps"] < 2
