@@ -11,7 +11,8 @@ import json
 import torch
 
 from nanochat.common import atomic_write_json, print0
-from nanochat.gpt import GPT, GPTConfig, CausalSelfAttention, build_model, has_value_embed, window_sizes
+from nanochat.gpt import GPT, GPTConfig, CausalSelfAttention, build_model, has_value_embed
+from nanochat.attention import window_sizes
 from nanochat.tokenizer import Tokenizer, SPECIAL_TOKENS
 from nanochat.checkpoint import CheckpointError, STAGE_DIRS, load_model
 

@@ -12,7 +12,7 @@ import torch
 
 from nanochat.common import print0
 from nanochat.engine import Engine
-from nanochat.gpt import window_sizes
+from nanochat.attention import window_sizes
 from nanochat.tokenizer import SPECIAL_TOKENS
 from nanochat.hf_convert import EXT_TYPE, TRICKY_TEXTS, ExportError, read_json
 
